@@ -1,0 +1,31 @@
+# The two commands of the README's quick start.  Everything installs into ./.venv from the project's own files.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast bench setup setup-test
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/pip install -e .
+
+setup-test: setup
+	$(BIN)/pip install -e '.[test]'
+
+# 1) set-up + the main job
+demo: setup
+	$(BIN)/sp-server demo -o demo_output
+
+# 2) test dependencies + the whole test suite (slow tests included; see README)
+test: setup-test
+	$(BIN)/python -m pytest -ra tests
+
+# the suite without the tests marked slow
+test-fast: setup-test
+	$(BIN)/python -m pytest -ra -m "not slow" tests
+
+bench: setup
+	$(BIN)/python tools/bench_eval.py

@@ -1,0 +1,230 @@
+"""The second-principles model: reference structure, harmonic part and anharmonic coefficients.
+
+Owns the data and its consistency checks; evaluation lives in ``sp_server.potential`` (over ``sp_server.kernels``).
+Units: eV, Angstrom, amu; strain is dimensionless in Voigt order (xx, yy, zz, yz, xz, xy) with engineering shear.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from .terms import AnharmonicPart, atom_labels, term_text
+
+
+def _array(value, shape, name, dtype=float):
+    arr = np.asarray(value, dtype=dtype)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
+    if dtype is float and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: contains non-finite values")
+    return arr
+
+
+@dataclass
+class Reference:
+    """Reference (unit) cell around which the energy is expanded; must be a stationary point.
+
+    cell: (3, 3) lattice vectors as rows, Angstrom.  positions: (nat, 3) Cartesian, Angstrom.
+    numbers: atomic numbers.  masses: amu.  energy: total energy of one reference cell, eV.
+    """
+
+    cell: np.ndarray
+    positions: np.ndarray
+    numbers: np.ndarray
+    masses: np.ndarray
+    energy: float = 0.0
+
+    def __post_init__(self):
+        self.cell = _array(self.cell, (3, 3), "reference cell")
+        if abs(np.linalg.det(self.cell)) < 1e-6:
+            raise ValueError("reference cell: singular lattice vectors")
+        nat = len(np.atleast_1d(self.numbers))
+        self.numbers = _array(self.numbers, (nat,), "reference numbers", dtype=int)
+        self.positions = _array(self.positions, (nat, 3), "reference positions")
+        self.masses = _array(self.masses, (nat,), "reference masses")
+        if np.any(self.masses <= 0):
+            raise ValueError("reference masses must be positive")
+        self.energy = float(self.energy)
+
+    @classmethod
+    def from_atoms(cls, atoms: Atoms, energy: float = 0.0) -> "Reference":
+        return cls(atoms.cell.array.copy(), atoms.positions.copy(), atoms.numbers.copy(), atoms.get_masses(), energy)
+
+    def to_atoms(self) -> Atoms:
+        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=True, masses=self.masses)
+
+    @property
+    def natoms(self) -> int:
+        return len(self.numbers)
+
+    @property
+    def volume(self) -> float:
+        """Reference cell volume, A^3."""
+        return abs(float(np.linalg.det(self.cell)))
+
+    @property
+    def symbols(self) -> list[str]:
+        return self.to_atoms().get_chemical_symbols()
+
+    @property
+    def labels(self) -> list[str]:
+        return atom_labels(self.symbols)
+
+    @property
+    def scaled_positions(self) -> np.ndarray:
+        return self.positions @ np.linalg.inv(self.cell)
+
+
+@dataclass
+class HarmonicPart:
+    """Exact harmonic part (from first principles).
+
+    ifc_cells: (nR, 3) integer lattice translations R.
+    ifc: (nR, nat, 3, nat, 3) eV/A^2, Phi[R, i, a, j, b] = d^2 E / d u_ia(0) d u_jb(R).  When Born charges are
+        given, these are the *short-range* force constants: the dipole-dipole part is added for each supercell
+        by an Ewald sum (MULTIBINIT's ``dipdip 1``).
+    elastic: (6, 6) eV/A^3, E_elastic = N_cells * V_ref / 2 * eta . C . eta.
+    internal_strain: (nat, 3, 6) eV/A, E_sp = sum_L sum_{i a v} Lambda[i, a, v] u_ia(L) eta_v.
+    born_charges: (nat, 3, 3) units of e, Z[i, g, a] = dP_g / du_a, or None.
+    epsilon_inf: (3, 3) electronic dielectric tensor, or None.
+    """
+
+    ifc_cells: np.ndarray
+    ifc: np.ndarray
+    elastic: np.ndarray
+    internal_strain: np.ndarray
+    born_charges: Optional[np.ndarray] = None
+    epsilon_inf: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        self.ifc_cells = np.asarray(self.ifc_cells, dtype=int).reshape(-1, 3)
+        nR = len(self.ifc_cells)
+        ifc = np.asarray(self.ifc, dtype=float)
+        if ifc.ndim != 5 or ifc.shape[0] != nR or ifc.shape[2] != 3 or ifc.shape[4] != 3 or ifc.shape[1] != ifc.shape[3]:
+            raise ValueError(f"harmonic ifc: expected shape ({nR}, nat, 3, nat, 3), got {ifc.shape}")
+        nat = ifc.shape[1]
+        self.ifc = _array(ifc, ifc.shape, "harmonic ifc")
+        if len({tuple(r) for r in self.ifc_cells}) != nR:
+            raise ValueError("harmonic ifc_cells: repeated lattice translation")
+        self.elastic = _array(self.elastic, (6, 6), "elastic tensor")
+        if not np.allclose(self.elastic, self.elastic.T, atol=1e-10 * max(1.0, np.abs(self.elastic).max())):
+            raise ValueError("elastic tensor is not symmetric")
+        self.internal_strain = _array(self.internal_strain, (nat, 3, 6), "internal strain")
+        if (self.born_charges is None) != (self.epsilon_inf is None):
+            raise ValueError("dipole-dipole part needs both born_charges and epsilon_inf (or neither)")
+        if self.born_charges is not None:
+            self.born_charges = _array(self.born_charges, (nat, 3, 3), "born charges")
+            self.epsilon_inf = _array(self.epsilon_inf, (3, 3), "epsilon_inf")
+            if not np.allclose(self.epsilon_inf, self.epsilon_inf.T, atol=1e-8):
+                raise ValueError("epsilon_inf is not symmetric")
+            if np.any(np.linalg.eigvalsh(self.epsilon_inf) <= 0):
+                raise ValueError("epsilon_inf is not positive definite")
+        self._check_hermitian()
+
+    @property
+    def natoms(self) -> int:
+        return self.ifc.shape[1]
+
+    @property
+    def has_dipole(self) -> bool:
+        return self.born_charges is not None
+
+    def _check_hermitian(self):
+        """Phi_ij(R) must equal Phi_ji(-R)^T for a valid quadratic form."""
+        index = {tuple(r): k for k, r in enumerate(self.ifc_cells)}
+        scale = max(np.abs(self.ifc).max(), 1e-30)
+        for k, r in enumerate(self.ifc_cells):
+            m = index.get(tuple(-r))
+            if m is None:
+                if np.abs(self.ifc[k]).max() > 1e-12 * scale:
+                    raise ValueError(f"harmonic ifc: cell {tuple(r)} present but its opposite {tuple(-r)} is missing")
+                continue
+            other = self.ifc[m].transpose(2, 3, 0, 1)
+            if np.abs(self.ifc[k] - other).max() > 1e-8 * scale:
+                raise ValueError(f"harmonic ifc: Phi(R) != Phi(-R)^T for R = {tuple(r)} (not a symmetric quadratic form)")
+
+    def asr_violation(self) -> float:
+        """Largest |sum_{j,R} Phi_ij(R)| (eV/A^2): zero when the acoustic sum rule holds (short-range part only)."""
+        return float(np.abs(self.ifc.sum(axis=(0, 3))).max())
+
+    def impose_asr(self, tol: float = 1e-12, max_iter: int = 200):
+        """Enforce the acoustic sum rule (sum_{j,R} Phi_ij(R) = 0) while keeping Phi_ij(R) = Phi_ji(-R)^T.
+
+        Alternates the two orthogonal projections (each row's sum spread evenly over its stored blocks, then
+        symmetrisation over (R, -R) pairs) until both hold to ``tol`` relative (von Neumann's alternating
+        projections); the internal strain gets sum_i Lambda_i = 0.
+        """
+        if not np.any(np.all(self.ifc_cells == 0, axis=1)):
+            self.ifc_cells = np.vstack([self.ifc_cells, [[0, 0, 0]]])
+            self.ifc = np.concatenate([self.ifc, np.zeros((1,) + self.ifc.shape[1:])])
+        index = {tuple(r): k for k, r in enumerate(self.ifc_cells)}
+        missing = [tuple(-r) for r in self.ifc_cells if tuple(-r) not in index]
+        if missing:
+            self.ifc_cells = np.vstack([self.ifc_cells, missing])
+            self.ifc = np.concatenate([self.ifc, np.zeros((len(missing),) + self.ifc.shape[1:])])
+            index = {tuple(r): k for k, r in enumerate(self.ifc_cells)}
+        opposite = np.array([index[tuple(-r)] for r in self.ifc_cells])
+        nblocks = len(self.ifc_cells) * self.natoms
+        scale = max(np.abs(self.ifc).max(), 1e-30)
+        ifc = self.ifc.copy()
+        for _ in range(max_iter):
+            total = ifc.sum(axis=(0, 3))  # (nat, 3, 3)
+            ifc -= total[None, :, :, None, :] / nblocks
+            ifc = 0.5 * (ifc + ifc[opposite].transpose(0, 3, 4, 1, 2))
+            if np.abs(ifc.sum(axis=(0, 3))).max() < tol * scale:
+                break
+        else:
+            raise ValueError(f"acoustic sum rule could not be imposed to {tol} in {max_iter} iterations")
+        self.ifc = ifc
+        self.internal_strain = self.internal_strain - self.internal_strain.mean(axis=0, keepdims=True)
+
+
+@dataclass
+class Model:
+    """A second-principles model: E = E_harm(u) + E_elastic(eta) + E_strain-phonon(u, eta) + sum_z w_z tau_z(u, eta).
+
+    ``version`` is a counter that grows each time the coefficients change (used for hot reload and provenance).
+    """
+
+    reference: Reference
+    harmonic: HarmonicPart
+    anharmonic: AnharmonicPart = field(default_factory=AnharmonicPart)
+    name: str = "model"
+    version: int = 1
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        nat = self.reference.natoms
+        if self.harmonic.natoms != nat:
+            raise ValueError(f"harmonic part has {self.harmonic.natoms} atoms, reference has {nat}")
+        self.anharmonic.check_atoms(nat)
+
+    @property
+    def natoms(self) -> int:
+        return self.reference.natoms
+
+    def supercell(self, mesh: Sequence[int]) -> Atoms:
+        """The reference repeated n1 x n2 x n3 (atom order: cell-major, C order over cells; same as Atoms.repeat)."""
+        return self.reference.to_atoms().repeat(tuple(int(n) for n in mesh))
+
+    def term_texts(self) -> list[str]:
+        labels = self.reference.labels
+        return [c.name or term_text(c.terms[0], labels) for c in self.anharmonic.coefficients]
+
+    def summary(self) -> str:
+        ref = self.reference
+        lines = [
+            f"sp_server model {self.name!r} (version {self.version})",
+            f"  reference: {''.join(ref.labels)}  {ref.natoms} atoms, volume {ref.volume:.4f} A^3, "
+            f"energy {ref.energy:.6f} eV/cell",
+            f"  short-range IFCs: {len(self.harmonic.ifc_cells)} lattice vectors; ASR violation "
+            f"{self.harmonic.asr_violation():.2e} eV/A^2",
+            f"  dipole-dipole: {'yes' if self.harmonic.has_dipole else 'no'}",
+            f"  anharmonic coefficients: {len(self.anharmonic)}",
+        ]
+        for text, value in zip(self.term_texts(), self.anharmonic.values):
+            lines.append(f"    {value: .6e}  {text}")
+        return "\n".join(lines)
