@@ -85,6 +85,7 @@ class SupercellPotential:
             model.anharmonic.coefficients, nat)
         self._has_strain = np.diff(self.terms.ts_ptr) > 0
         self._neigh = self.terms.neighbour_table(self.mesh)
+        self._work = (np.empty((self.ncell, len(self.terms.bonds))), np.empty((self.ncell, len(self.terms.bonds))))
         self.set_values(model.anharmonic.values)
 
     def set_values(self, values):
@@ -122,7 +123,7 @@ class SupercellPotential:
         if "anharmonic" in self.parts and t.ncoef:
             sp, dsp = _anh.strain_products(eta, t.ts_ptr, t.ts_voigt, t.ts_power)
             e_anh, ge, delta = _anh.energy_grad(u, t, self._neigh, self._t_scale, sp, dsp, self._has_strain,
-                                                grad_u, self.parallel)
+                                                grad_u, self.parallel, self._work)
             parts["anharmonic"] = e_anh
             grad_eta += ge
             if design:
