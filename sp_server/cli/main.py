@@ -34,6 +34,29 @@ def _cmd_demo(args):
     return 0
 
 
+def _cmd_import(args):
+    from ..io.multibinit import import_multibinit
+    from ..model.native import save_model
+    if args.ddb is None and args.system is None:
+        raise ValueError("give --ddb DDB and/or --system SYSTEM.xml")
+    model = import_multibinit(ddb=args.ddb, system=args.system, coefficients=args.coefficients,
+                              dipdip=not args.no_dipdip)
+    path = save_model(model, args.output)
+    print(model.summary().splitlines()[0])
+    print(f"{len(model.anharmonic)} anharmonic coefficient(s); dipole-dipole "
+          f"{'on' if model.harmonic.has_dipole else 'off'}; written to {path}")
+    return 0
+
+
+def _cmd_export(args):
+    from ..io.multibinit import export_multibinit
+    from ..model.native import load_model
+    sys_xml, coeffs = export_multibinit(load_model(args.model), args.output)
+    print(f"wrote {sys_xml} and {coeffs} (Hartree, bohr; read them with multibinit as the system and "
+          "coefficient files)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sp-server", description="Second-principles lattice models: evaluate, serve, fit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", metavar="OUT.extxyz", required=True)
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
+
+    im = sub.add_parser("import", help="build a model from MULTIBINIT/ABINIT files (DDB, system XML, coefficients)")
+    im.add_argument("--ddb", metavar="DDB", help="ABINIT derivative database (harmonic part by Fourier interpolation)")
+    im.add_argument("--system", metavar="SYSTEM.xml", help="MULTIBINIT system XML (replaces the DDB)")
+    im.add_argument("--coefficients", metavar="COEFFS.xml", help="MULTIBINIT coefficient XML (anharmonic part)")
+    im.add_argument("--no-dipdip", action="store_true",
+                    help="no dipole-dipole part (MULTIBINIT dipdip 0); default: on, as dipdip 1")
+    im.add_argument("-o", "--output", metavar="MODEL", required=True)
+    im.set_defaults(func=_cmd_import)
+
+    ex = sub.add_parser("export", help="write a model as MULTIBINIT system + coefficient XML")
+    ex.add_argument("model", metavar="MODEL")
+    ex.add_argument("-o", "--output", metavar="PREFIX", required=True,
+                    help="writes PREFIX_sys.xml and PREFIX_coeffs.xml")
+    ex.set_defaults(func=_cmd_export)
 
     i = sub.add_parser("info", help="print a model's summary and its anharmonic terms")
     i.add_argument("model", metavar="MODEL")

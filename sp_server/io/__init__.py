@@ -1,0 +1,1 @@
+"""Readers and writers of other codes' files: ABINIT DDB, MULTIBINIT system/coefficient XML and HIST trajectories."""

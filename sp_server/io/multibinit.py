@@ -1,0 +1,400 @@
+"""MULTIBINIT file formats: the system XML (``<System_definition>``), the coefficient XML (``<Heff_definition>``)
+and the ``_HIST.nc`` trajectories multibinit writes.
+
+MULTIBINIT speaks Hartree and bohr; everything is converted to eV and Angstrom here, at the edge, with the
+constants of ``sp_server.units``.  Conventions (checked against multibinit 9.6.2 by tests/io):
+* ``<elastic units="hartree">`` holds C_ab * V_ref (energy per reference cell);
+* ``<local_force_constant>`` blocks are short-range IFCs d2E/du(0)du(R), rows (atom, direction) of the home
+  cell, columns (atom, direction) of cell R; ``<total_force_constant>`` the same with the dipole-dipole part;
+* ``<strain_coupling voigt=v><correction_force>`` is the force on each atom per unit strain eta_v, so
+  Lambda = -correction_force;
+* coefficient values are in Hartree / bohr^(displacement order); strain Voigt indices 1..6.
+Every malformed input raises MultibinitFormatError naming the file, the element and the problem.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from ase.data import atomic_masses
+
+from ..model.model import HarmonicPart, Model, Reference
+from ..model.terms import AnharmonicPart, Coefficient, DisplacementDiff, StrainFactor, Term
+from ..units import BOHR_A, HARTREE_EV
+
+_DIRS = {"x": 0, "y": 1, "z": 2}
+# A voigt index v in MULTIBINIT's coefficient files multiplies eta_v with this factor to give our engineering
+# Voigt strain (1 for the normal components; see docs/multibinit.md for how the shear factor was established)
+SHEAR_FACTOR = 1.0
+
+
+class MultibinitFormatError(ValueError):
+    """Malformed or unsupported MULTIBINIT file: the message names the file, the element and the problem."""
+
+
+def _parse(path) -> ET.Element:
+    path = Path(path)
+    if not path.exists():
+        raise MultibinitFormatError(f"{path}: no such file")
+    try:
+        return ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise MultibinitFormatError(f"{path}: malformed XML ({exc})") from None
+
+
+def _numbers(path, elem, name, shape=None):
+    if elem is None:
+        raise MultibinitFormatError(f"{path}: missing <{name}>")
+    try:
+        arr = np.array((elem.text or "").replace("D", "E").replace("d", "e").split(), dtype=float)
+    except ValueError:
+        raise MultibinitFormatError(f"{path}: <{name}> contains non-numeric text") from None
+    if shape is not None:
+        if arr.size != int(np.prod(shape)):
+            raise MultibinitFormatError(f"{path}: <{name}> has {arr.size} numbers, expected {int(np.prod(shape))}")
+        arr = arr.reshape(shape)
+    if not np.all(np.isfinite(arr)):
+        raise MultibinitFormatError(f"{path}: <{name}> contains non-finite numbers")
+    return arr
+
+
+def _unit(path, elem, expected):
+    unit = elem.get("units")
+    if unit is not None and unit.strip() not in expected:
+        raise MultibinitFormatError(f"{path}: <{elem.tag}> has units {unit!r}, expected one of {sorted(expected)}")
+
+
+def _mass_to_number(mass: float) -> int:
+    """Atomic number of the element whose standard mass is closest (MULTIBINIT files carry masses, not symbols)."""
+    z = int(np.argmin(np.abs(atomic_masses[1:] - mass))) + 1
+    if abs(atomic_masses[z] - mass) > 0.05:
+        raise ValueError(f"mass {mass} amu matches no element")
+    return z
+
+
+# --------------------------------------------------------------------------------------------- system XML
+def read_system_xml(path, *, numbers=None) -> tuple[Reference, HarmonicPart, dict]:
+    """Read a MULTIBINIT ``<System_definition>`` file into our Reference and HarmonicPart (eV, Angstrom).
+
+    ``numbers``: atomic numbers of the atoms (the file has only masses; by default deduced from them).
+    Returns (reference, harmonic, info) where info reports e.g. the IFC asymmetry that was symmetrised away.
+    """
+    path = Path(path)
+    root = _parse(path)
+    if root.tag != "System_definition":
+        raise MultibinitFormatError(f"{path}: root element is <{root.tag}>, expected <System_definition>")
+    energy = float(_numbers(path, root.find("energy"), "energy", (1,))[0]) * HARTREE_EV
+    uc = root.find("unit_cell")
+    if uc is not None:
+        _unit(path, uc, {"bohrradius"})
+    cell = _numbers(path, uc, "unit_cell", (3, 3)) * BOHR_A
+    atoms = root.findall("atom")
+    if not atoms:
+        raise MultibinitFormatError(f"{path}: no <atom> elements")
+    nat = len(atoms)
+    masses, pos, born = [], [], []
+    for k, a in enumerate(atoms):
+        try:
+            masses.append(float(a.get("mass")))
+        except (TypeError, ValueError):
+            raise MultibinitFormatError(f"{path}: <atom> {k} has no valid mass attribute") from None
+        p = a.find("position")
+        if p is not None:
+            _unit(path, p, {"bohrradius"})
+        pos.append(_numbers(path, p, f"atom {k} position", (3,)) * BOHR_A)
+        z = a.find("borncharge")
+        born.append(None if z is None else _numbers(path, z, f"atom {k} borncharge", (3, 3)))
+    if numbers is None:
+        try:
+            numbers = [_mass_to_number(m) for m in masses]
+        except ValueError as exc:
+            raise MultibinitFormatError(f"{path}: {exc}; pass the atomic numbers explicitly") from None
+    reference = Reference(cell, np.array(pos), numbers, masses, energy)
+
+    eps_el = root.find("epsilon_inf")
+    has_born = all(b is not None for b in born)
+    if any(b is not None for b in born) and not has_born:
+        raise MultibinitFormatError(f"{path}: some <atom> elements have <borncharge> and others do not")
+    born_arr = np.array(born) if has_born else None
+    eps = _numbers(path, eps_el, "epsilon_inf", (3, 3)) if eps_el is not None else None
+    if (born_arr is None) != (eps is None):
+        raise MultibinitFormatError(f"{path}: Born charges and <epsilon_inf> must come together")
+
+    el = root.find("elastic")
+    if el is not None:
+        _unit(path, el, {"hartree"})
+    elastic_cv = _numbers(path, el, "elastic", (6, 6))
+    elastic_cv = 0.5 * (elastic_cv + elastic_cv.T)
+    elastic = elastic_cv * HARTREE_EV / reference.volume
+
+    def blocks(tag):
+        out = {}
+        for k, blk in enumerate(root.findall(tag)):
+            cell_r = tuple(int(round(x)) for x in _numbers(path, blk.find("cell"), f"{tag} {k} cell", (3,)))
+            data = blk.find("data")
+            if data is not None:
+                _unit(path, blk, {"hartree/bohrradius**2"})
+            mat = _numbers(path, data, f"{tag} {k} data", (3 * nat, 3 * nat))
+            if cell_r in out:
+                raise MultibinitFormatError(f"{path}: <{tag}> cell {cell_r} appears twice")
+            out[cell_r] = mat.reshape(nat, 3, nat, 3) * HARTREE_EV / BOHR_A ** 2
+        return out
+
+    local = blocks("local_force_constant")
+    total = blocks("total_force_constant")
+    if local and has_born:
+        ifc_blocks, kind = local, "local"
+    elif total:
+        ifc_blocks, kind = total, "total"
+        if has_born:
+            born_arr = eps = None  # total IFCs already contain the dipole-dipole part of the original supercell
+    elif local:
+        ifc_blocks, kind = local, "local"
+    else:
+        raise MultibinitFormatError(f"{path}: no <local_force_constant> or <total_force_constant> blocks")
+    # complete the (R, -R) pairs and symmetrise, Phi(R) = Phi(-R)^T: multibinit's own blocks are symmetric only to
+    # ~1e-7 relative, and only the symmetric part is a quadratic form (forces = -dE/du exactly)
+    cells = sorted(set(ifc_blocks) | {tuple(-np.array(c)) for c in ifc_blocks})
+    zero = np.zeros((nat, 3, nat, 3))
+    ifc = np.array([ifc_blocks.get(c, zero) for c in cells])
+    opposite = [cells.index(tuple(-np.array(c))) for c in cells]
+    sym = 0.5 * (ifc + ifc[opposite].transpose(0, 3, 4, 1, 2))
+    asym = float(np.abs(ifc - sym).max())
+
+    lam = np.zeros((nat, 3, 6))
+    for k, sc in enumerate(root.findall("strain_coupling")):
+        try:
+            v = int(sc.get("voigt"))
+        except (TypeError, ValueError):
+            raise MultibinitFormatError(f"{path}: <strain_coupling> {k} has no valid voigt attribute") from None
+        if not 0 <= v <= 5:
+            raise MultibinitFormatError(f"{path}: <strain_coupling> voigt={v} outside 0..5")
+        cf = sc.find("correction_force")
+        if cf is not None:
+            _unit(path, cf, {"hartree/bohrradius"})
+            lam[:, :, v] = -_numbers(path, cf, f"strain_coupling {v} correction_force", (nat, 3)) * HARTREE_EV / BOHR_A
+        for tag in ("correction_force_constant", "correction_strain_force_constant"):
+            for blk in sc.findall(tag):
+                d = _numbers(path, blk.find("data"), f"strain_coupling {v} {tag}")
+                if np.abs(d).max() > 0:
+                    raise MultibinitFormatError(
+                        f"{path}: <strain_coupling voigt={v}> has non-zero <{tag}> (strain-dependent force "
+                        "constants), which sp_server does not support yet")
+    try:
+        harmonic = HarmonicPart(np.array(cells), sym, elastic, lam, born_arr, eps)
+    except ValueError as exc:
+        raise MultibinitFormatError(f"{path}: {exc}") from None
+    asr_before = harmonic.asr_violation()
+    harmonic.impose_asr()  # symmetrising broke the file's sum rule by ~asym: restore both exactly
+    info = {"ifc_kind": kind, "ifc_asymmetry_eV_A2": asym, "ifc_asr_violation_after_symmetrisation_eV_A2": asr_before,
+            "ifc_cells": len(cells)}
+    return reference, harmonic, info
+
+
+# --------------------------------------------------------------------------------------------- coefficients
+def read_coefficients_xml(path, natoms: int | None = None) -> AnharmonicPart:
+    """Read a ``<Heff_definition>`` file; values converted from Ha/bohr^n to eV/A^n."""
+    path = Path(path)
+    root = _parse(path)
+    if root.tag != "Heff_definition":
+        raise MultibinitFormatError(f"{path}: root element is <{root.tag}>, expected <Heff_definition>")
+    coefs, values = [], []
+    for k, ce in enumerate(root.findall("coefficient")):
+        label = f"coefficient {ce.get('number', k + 1)}"
+        try:
+            value = float(ce.get("value").replace("D", "E"))
+        except (AttributeError, ValueError):
+            raise MultibinitFormatError(f"{path}: {label}: missing or invalid value attribute") from None
+        terms = []
+        order = None
+        for m, te in enumerate(ce.findall("term")):
+            where = f"{path}: {label}, term {m + 1}"
+            try:
+                weight = float(te.get("weight"))
+                disps = []
+                for de in te.findall("displacement_diff"):
+                    ca = tuple(int(x) for x in de.find("cell_a").text.split())
+                    cb = tuple(int(x) for x in de.find("cell_b").text.split())
+                    disps.append(DisplacementDiff(int(de.get("atom_a")), ca, int(de.get("atom_b")), cb,
+                                                  _DIRS[de.get("direction").strip()], int(de.get("power"))))
+                strains = []
+                for se in te.findall("strain"):
+                    v, p = int(se.get("voigt")), int(se.get("power"))
+                    strains.append(StrainFactor(v, p))
+                    if v > 3:
+                        weight *= SHEAR_FACTOR ** p
+                term = Term(weight, tuple(disps), tuple(strains))
+            except (TypeError, AttributeError, KeyError, ValueError) as exc:
+                raise MultibinitFormatError(f"{where}: malformed term ({exc or 'missing attribute'})") from None
+            if natoms is not None:
+                for d in term.displacements:
+                    for a in (d.atom_a, d.atom_b):
+                        if not 0 <= a < natoms:
+                            raise MultibinitFormatError(
+                                f"{where}: atom index {a} outside the reference cell (0..{natoms - 1})")
+            if order is None:
+                order = term.displacement_order
+            elif term.displacement_order != order:
+                raise MultibinitFormatError(f"{where}: displacement order {term.displacement_order} differs from "
+                                            f"the coefficient's first term ({order})")
+            terms.append(term)
+        if not terms:
+            raise MultibinitFormatError(f"{path}: {label} has no <term>")
+        coefs.append(Coefficient(tuple(terms), name=ce.get("text", "")))
+        values.append(value * HARTREE_EV / BOHR_A ** order)
+    if not coefs:
+        raise MultibinitFormatError(f"{path}: no <coefficient> elements")
+    return AnharmonicPart(coefs, np.array(values))
+
+
+def _fmt(x):
+    return f"{x: .14E}"
+
+
+def _atomic_write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_coefficients_xml(anharmonic: AnharmonicPart, path) -> Path:
+    path = Path(path)
+    lines = ['<?xml version="1.0" ?>', "<Heff_definition>"]
+    for z, (coef, value) in enumerate(zip(anharmonic.coefficients, anharmonic.values)):
+        order = coef.displacement_order
+        v = value / HARTREE_EV * BOHR_A ** order
+        text = coef.name.replace('"', "'")
+        lines.append(f'  <coefficient number="{z + 1}" value="{_fmt(v)}" text="{text}">')
+        for t in coef.terms:
+            w = t.weight
+            for s in t.strains:
+                if s.voigt > 3:
+                    w /= SHEAR_FACTOR ** s.power
+            lines.append(f'    <term weight="{w: .10f}">')
+            for d in t.displacements:
+                lines.append(f'      <displacement_diff atom_a="{d.atom_a}" atom_b="{d.atom_b}" '
+                             f'direction="{"xyz"[d.direction]}" power="{d.power}">')
+                lines.append("        <cell_a>%d %d %d</cell_a>" % d.cell_a)
+                lines.append("        <cell_b>%d %d %d</cell_b>" % d.cell_b)
+                lines.append("      </displacement_diff>")
+            for s in t.strains:
+                lines.append(f'      <strain power="{s.power}" voigt="{s.voigt}"/>')
+            lines.append("    </term>")
+        lines.append("  </coefficient>")
+    lines.append("</Heff_definition>")
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _matrix(mat, indent="  "):
+    return "\n".join(indent + " ".join(_fmt(x) for x in row) for row in np.atleast_2d(mat))
+
+
+def write_system_xml(model: Model, path) -> Path:
+    """Write the reference and harmonic part as a ``<System_definition>`` that multibinit reads."""
+    path = Path(path)
+    ref, h = model.reference, model.harmonic
+    nat = ref.natoms
+    lines = ['<?xml version="1.0" ?>', "<System_definition>",
+             "  <energy>", f"  {_fmt(ref.energy / HARTREE_EV)}", "  </energy>",
+             '  <unit_cell units="bohrradius">', _matrix(ref.cell / BOHR_A), "  </unit_cell>"]
+    eps = h.epsilon_inf if h.has_dipole else np.eye(3)
+    lines += ['  <epsilon_inf units="epsilon0">', _matrix(eps), "  </epsilon_inf>"]
+    lines += ['  <elastic units="hartree">', _matrix(h.elastic * ref.volume / HARTREE_EV), "  </elastic>"]
+    for i in range(nat):
+        lines.append(f'  <atom mass="{ref.masses[i]:.5f}" massunits="atomicmassunit">')
+        lines += ['    <position units="bohrradius">', _matrix(ref.positions[i] / BOHR_A), "    </position>"]
+        if h.has_dipole:
+            lines += ['    <borncharge units="abs(e)">', _matrix(h.born_charges[i]), "    </borncharge>"]
+        lines.append("  </atom>")
+    tag = "local_force_constant" if h.has_dipole else "total_force_constant"
+    for R, blk in zip(h.ifc_cells, h.ifc):
+        lines += [f'  <{tag} units="hartree/bohrradius**2">', "    <data>",
+                  _matrix(blk.reshape(3 * nat, 3 * nat) / HARTREE_EV * BOHR_A ** 2, " "), "    </data>",
+                  "    <cell>", "  %d %d %d" % tuple(R), "    </cell>", f"  </{tag}>"]
+    for v in range(6):
+        lines += [f'  <strain_coupling voigt="{v}">',
+                  '    <correction_force units="hartree/bohrradius">',
+                  _matrix(-h.internal_strain[:, :, v] / HARTREE_EV * BOHR_A), "    </correction_force>",
+                  "  </strain_coupling>"]
+    lines.append("</System_definition>")
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- trajectories
+def read_hist(path) -> list:
+    """Frames of a multibinit/abinit ``_HIST.nc`` as ASE Atoms with a SinglePointCalculator (eV, eV/A, eV/A^3)."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from scipy.io import netcdf_file
+
+    path = Path(path)
+    try:
+        f = netcdf_file(str(path), "r", mmap=False)
+    except Exception as exc:
+        raise MultibinitFormatError(f"{path}: not a readable NetCDF HIST file ({exc})") from None
+    with f:
+        v = f.variables
+        for key in ("xcart", "rprimd", "etotal", "fcart", "strten", "typat", "znucl"):
+            if key not in v:
+                raise MultibinitFormatError(f"{path}: missing variable {key!r}")
+        typat = np.asarray(v["typat"][:], dtype=int)
+        znucl = np.asarray(v["znucl"][:], dtype=float)
+        numbers = np.rint(znucl[typat - 1]).astype(int)
+        if "amu" in v:
+            amu = np.asarray(v["amu"][:], dtype=float)
+            masses = amu[typat - 1]
+        else:
+            masses = None
+        frames = []
+        for k in range(v["etotal"].shape[0]):
+            cell = np.asarray(v["rprimd"][k]) * BOHR_A  # rprimd(:, i) is vector i; stored C-order as rows
+            atoms = Atoms(numbers=numbers, positions=np.asarray(v["xcart"][k]) * BOHR_A, cell=cell, pbc=True)
+            if masses is not None:
+                atoms.set_masses(masses)
+            s = np.asarray(v["strten"][k]) * HARTREE_EV / BOHR_A ** 3
+            atoms.calc = SinglePointCalculator(atoms, energy=float(v["etotal"][k]) * HARTREE_EV,
+                                               forces=np.asarray(v["fcart"][k]) * HARTREE_EV / BOHR_A, stress=s)
+            atoms.info["hist_step"] = k
+            frames.append(atoms)
+    return frames
+
+
+def import_multibinit(*, ddb=None, system=None, coefficients=None, dipdip: bool = True, name=None,
+                      numbers=None) -> Model:
+    """A Model from MULTIBINIT files: the harmonic part from a system XML when given, else from a DDB (Fourier
+    interpolation of its q-mesh, short-range + dipole-dipole split as MULTIBINIT's ``dipdip 1``); the anharmonic
+    part from a coefficient XML (optional: without it the model is harmonic)."""
+    if system is None and ddb is None:
+        raise ValueError("import needs a DDB or a system XML")
+    meta = {}
+    if system is not None:
+        reference, harmonic, info = read_system_xml(system, numbers=numbers)
+        meta.update(info, source=str(system))
+        if not dipdip and harmonic.has_dipole:
+            raise ValueError(f"{system}: short-range force constants without the dipole-dipole part are not a "
+                             "model; use the DDB or keep dipdip")
+        source = Path(system)
+    else:
+        from .ddb import model_from_ddb
+        base = model_from_ddb(ddb, dipdip=dipdip)
+        reference, harmonic = base.reference, base.harmonic
+        meta.update(base.metadata, source=str(ddb))
+        source = Path(ddb)
+    anh = read_coefficients_xml(coefficients, reference.natoms) if coefficients else AnharmonicPart()
+    if coefficients:
+        meta["coefficients"] = str(coefficients)
+    return Model(reference, harmonic, anh, name=name or source.stem, metadata=meta)
+
+
+def export_multibinit(model: Model, prefix) -> tuple[Path, Path]:
+    """Write PREFIX_sys.xml and PREFIX_coeffs.xml (Hartree, bohr) that multibinit reads."""
+    prefix = str(prefix)
+    return (write_system_xml(model, prefix + "_sys.xml"),
+            write_coefficients_xml(model.anharmonic, prefix + "_coeffs.xml"))
