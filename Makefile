@@ -12,8 +12,12 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -e .
 
+# multibinit (Debian's abinit 9.6.2) is the reference for the parity tests
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup-test: setup
 	$(BIN)/pip install -e '.[test]'
+	@command -v multibinit >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq abinit abinit-data; }
 
 # 1) set-up + the main job
 demo: setup

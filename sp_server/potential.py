@@ -83,6 +83,7 @@ class SupercellPotential:
         self.harmonic_operator = HarmonicOperator(ck, self.mesh, parallel=self.parallel)
         self.terms = compiled if compiled is not None else _anh.CompiledTerms.from_coefficients(
             model.anharmonic.coefficients, nat)
+        self.terms.check_supercell(self.mesh)
         self._has_strain = np.diff(self.terms.ts_ptr) > 0
         self._neigh = self.terms.neighbour_table(self.mesh)
         self._work = (np.empty((self.ncell, len(self.terms.bonds))), np.empty((self.ncell, len(self.terms.bonds))))

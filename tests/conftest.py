@@ -43,11 +43,13 @@ def random_model(seed=0, dipole=True, nterms=6):
         terms = []
         for _ in range(rng.integers(1, 4)):
             nd = rng.integers(0 if z % 3 == 2 else 1, 4)
-            disps = tuple(
-                DisplacementDiff(int(rng.integers(nat)), tuple(rng.integers(-1, 2, 3)), int(rng.integers(nat)),
-                                 tuple(rng.integers(-1, 2, 3)), int(rng.integers(3)), int(rng.integers(1, 4)))
-                for _ in range(nd)
-            )
+            disps = []
+            for _ in range(nd):
+                a = int(rng.integers(nat))
+                b = (a + int(rng.integers(1, nat))) % nat  # two different atoms: never identically zero
+                disps.append(DisplacementDiff(a, tuple(rng.integers(-1, 2, 3)), b, tuple(rng.integers(-1, 2, 3)),
+                                              int(rng.integers(3)), int(rng.integers(1, 4))))
+            disps = tuple(disps)
             strains = tuple(StrainFactor(int(rng.integers(1, 7)), int(rng.integers(1, 3)))
                             for _ in range(rng.integers(0 if nd else 1, 3)))
             terms.append(Term(float(rng.normal()), disps, strains))

@@ -237,9 +237,9 @@ def read_coefficients_xml(path, natoms: int | None = None) -> AnharmonicPart:
                                 f"{where}: atom index {a} outside the reference cell (0..{natoms - 1})")
             if order is None:
                 order = term.displacement_order
-            elif term.displacement_order != order:
-                raise MultibinitFormatError(f"{where}: displacement order {term.displacement_order} differs from "
-                                            f"the coefficient's first term ({order})")
+            elif term.displacement_order != order:  # value is per bohr^order: rescale this term's weight
+                term = Term(term.weight * BOHR_A ** (order - term.displacement_order), term.displacements,
+                            term.strains)
             terms.append(term)
         if not terms:
             raise MultibinitFormatError(f"{path}: {label} has no <term>")
@@ -271,11 +271,11 @@ def write_coefficients_xml(anharmonic: AnharmonicPart, path) -> Path:
         text = coef.name.replace('"', "'")
         lines.append(f'  <coefficient number="{z + 1}" value="{_fmt(v)}" text="{text}">')
         for t in coef.terms:
-            w = t.weight
+            w = t.weight * BOHR_A ** (t.displacement_order - order)  # value is written per bohr^order
             for s in t.strains:
                 if s.voigt > 3:
                     w /= SHEAR_FACTOR ** s.power
-            lines.append(f'    <term weight="{w: .10f}">')
+            lines.append(f'    <term weight="{_fmt(w)}">')
             for d in t.displacements:
                 lines.append(f'      <displacement_diff atom_a="{d.atom_a}" atom_b="{d.atom_b}" '
                              f'direction="{"xyz"[d.direction]}" power="{d.power}">')

@@ -50,6 +50,7 @@ class CompiledTerms:
     ga_negoff: np.ndarray
     maxf: int
     maxp: int
+    bond_origin: tuple = ()  # (coefficient index, coefficient name) of the first term using each bond
 
     @classmethod
     def from_coefficients(cls, coefficients, nat: int) -> "CompiledTerms":
@@ -58,6 +59,7 @@ class CompiledTerms:
         t_coef, t_weight, tf_ptr, tf_bond, tf_lbond, tf_power = [], [], [0], [], [], []
         ts_ptr, ts_voigt, ts_power = [0], [], []
         z_tptr, z_bptr, z_bonds = [0], [0], []
+        origin = []
         for z, coef in enumerate(coefficients):
             local: dict = {}
             for term in coef.terms:
@@ -68,6 +70,7 @@ class CompiledTerms:
                     if key not in bond_index:
                         bond_index[key] = len(bonds)
                         bonds.append([d.atom_a, *d.cell_a, d.atom_b, *d.cell_b, d.direction])
+                        origin.append((z, coef.name))
                     gb = bond_index[key]
                     if gb not in local:
                         local[gb] = len(local)
@@ -105,12 +108,25 @@ class CompiledTerms:
             ga_ptr=ga_ptr, ga_bond=i64([x[0] for x in ga_flat]), ga_sign=np.array([x[1] for x in ga_flat], dtype=float),
             ga_negoff=i64([x[2] for x in ga_flat]),
             maxf=int(max(1, np.diff(tf_ptr).max() if len(tf_ptr) > 1 else 1)),
-            maxp=int(max([1] + tf_power)),
+            maxp=int(max([1] + tf_power)), bond_origin=tuple(origin),
         )
 
     @property
     def nterms(self) -> int:
         return len(self.t_coef)
+
+    def check_supercell(self, mesh):
+        """Raise ValueError if some displacement difference vanishes identically on this supercell (both ends are
+        the same periodic image): the term would silently be zero."""
+        n = np.array(mesh)
+        for b, row in enumerate(self.bonds):
+            if row[0] == row[4] and np.all(np.mod(row[1:4] - row[5:8], n) == 0):
+                z, name = self.bond_origin[b]
+                raise ValueError(
+                    f"anharmonic coefficient {z} ({name!r}): the difference between atom {row[0]} in cells "
+                    f"{tuple(row[1:4])} and {tuple(row[5:8])} is identically zero on a {n[0]}x{n[1]}x{n[2]} "
+                    "supercell (both are the same periodic image); use a supercell at least as large as the "
+                    "term's range")
 
     def neighbour_table(self, mesh) -> np.ndarray:
         """(ncell, no): flat index (C order) of cell c + offsets[o], wrapped into the n1 x n2 x n3 supercell."""

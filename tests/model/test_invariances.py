@@ -104,3 +104,14 @@ def test_atom_order_is_matched_by_position(rand_model):
     assert abs(e1 - e0) < 1e-10 * abs(e0)
     assert np.allclose(f1, f0[perm], atol=1e-12)
     assert np.allclose(s1, s0, atol=1e-14)
+
+
+def test_term_that_vanishes_on_a_small_supercell_is_refused(toy):
+    """(u_Ti(0) - u_Ti(2,0,0)) is identically zero on a supercell with n1 = 2 (or 1): an error, not a silent 0."""
+    from sp_server.model import AnharmonicPart, Coefficient, DisplacementDiff, Model, Term
+    from sp_server.potential import SupercellPotential
+    coef = Coefficient((Term(1.0, (DisplacementDiff(1, (0, 0, 0), 1, (2, 0, 0), 0, 2),)),), name="long Ti-Ti")
+    model = Model(toy.reference, toy.harmonic, AnharmonicPart([coef], [1.0]))
+    with pytest.raises(ValueError, match="'long Ti-Ti'.*identically zero on a 2x3x3 supercell"):
+        SupercellPotential(model, (2, 3, 3))
+    SupercellPotential(model, (3, 3, 3))  # fine: the two ends are different images
