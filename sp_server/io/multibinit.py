@@ -3,6 +3,7 @@ and the ``_HIST.nc`` trajectories multibinit writes.
 
 MULTIBINIT speaks Hartree and bohr; everything is converted to eV and Angstrom here, at the edge, with the
 constants of ``sp_server.units``.  Conventions (checked against multibinit 9.6.2 by tests/io):
+* ``<unit_cell>``: the lattice vectors are the *columns* (ABINIT's rprimd(:, i)); HIST files store them as rows;
 * ``<elastic units="hartree">`` holds C_ab * V_ref (energy per reference cell);
 * ``<local_force_constant>`` blocks are short-range IFCs d2E/du(0)du(R), rows (atom, direction) of the home
   cell, columns (atom, direction) of cell R; ``<total_force_constant>`` the same with the dipole-dipole part;
@@ -90,7 +91,7 @@ def read_system_xml(path, *, numbers=None) -> tuple[Reference, HarmonicPart, dic
     uc = root.find("unit_cell")
     if uc is not None:
         _unit(path, uc, {"bohrradius"})
-    cell = _numbers(path, uc, "unit_cell", (3, 3)) * BOHR_A
+    cell = _numbers(path, uc, "unit_cell", (3, 3)).T * BOHR_A  # the file's columns are the lattice vectors
     atoms = root.findall("atom")
     if not atoms:
         raise MultibinitFormatError(f"{path}: no <atom> elements")
@@ -302,7 +303,7 @@ def write_system_xml(model: Model, path) -> Path:
     nat = ref.natoms
     lines = ['<?xml version="1.0" ?>', "<System_definition>",
              "  <energy>", f"  {_fmt(ref.energy / HARTREE_EV)}", "  </energy>",
-             '  <unit_cell units="bohrradius">', _matrix(ref.cell / BOHR_A), "  </unit_cell>"]
+             '  <unit_cell units="bohrradius">', _matrix(ref.cell.T / BOHR_A), "  </unit_cell>"]  # columns
     eps = h.epsilon_inf if h.has_dipole else np.eye(3)
     lines += ['  <epsilon_inf units="epsilon0">', _matrix(eps), "  </epsilon_inf>"]
     lines += ['  <elastic units="hartree">', _matrix(h.elastic * ref.volume / HARTREE_EV), "  </elastic>"]

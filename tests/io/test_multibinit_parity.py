@@ -160,3 +160,26 @@ def test_export_is_read_back_by_multibinit(runs, models, tmp_path):
         scale = abs(atoms.get_potential_energy() - 8 * models["anh"].reference.energy)
         assert abs(res.energy - atoms.get_potential_energy()) < 1e-6 * scale
         assert np.abs(res.forces - atoms.get_forces()).max() < 1e-6 * np.abs(atoms.get_forces()).max()
+
+
+def test_20_atom_orthorhombic_reference_with_anisotropic_dielectric(runs, models, tmp_path):
+    """A 20-atom orthorhombic reference (a = [110], b = [-110], c = 2 [001] of the cubic cell), Born charges and a
+    non-cubic eps_inf, on a non-cubic 2x1x2 supercell: exported, run by multibinit (NPT), re-evaluated here."""
+    from sp_server.model import Model
+    from sp_server.model.supercell import expand_reference
+    base = models["anh"]
+    h = base.harmonic
+    h2 = type(h)(h.ifc_cells, h.ifc, h.elastic, h.internal_strain, h.born_charges, np.diag([4.4, 4.7, 5.3]))
+    model = expand_reference(Model(base.reference, h2, base.anharmonic, name="BaHfO3-aniso"),
+                             [[1, 1, 0], [-1, 1, 0], [0, 0, 2]])
+    assert model.natoms == 20
+    sys_xml, coeffs = export_multibinit(model, tmp_path / "ortho")
+    frames = run_multibinit(tmp_path, "ortho", sys_xml, coeffs, ncell="2 1 2", dipdip=1, dynamics=13, optcell=2,
+                            temperature=200, dtion=40, ntime=12)
+    assert len(frames[0]) == 80
+    ev = Evaluator(model)
+    for atoms in frames[2::3]:
+        res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers)
+        scale = abs(atoms.get_potential_energy() - 4 * model.reference.energy)
+        assert abs(res.energy - atoms.get_potential_energy()) < 1e-6 * scale
+        assert np.abs(res.forces - atoms.get_forces()).max() < 1e-6 * np.abs(atoms.get_forces()).max()
