@@ -1,8 +1,9 @@
 """ABINIT derivative database (DDB, text format) and the harmonic part of a second-principles model built from it.
 
-The conventions are those of ABINIT 9.6 / anaddb / MULTIBINIT (sources: src/77_ddb/m_ddb.F90, src/41_geometry or
-src/72_response m_dynmat.F90, src/77_ddb/m_ifc.F90, src/77_ddb/m_ddb_elast.F90, m_ddb_internalstr.F90,
-src/78_effpot/m_effective_potential_file.F90 ``system_ddb2effpot``), converted at the edge to sp_server's units
+The conventions are those of ABINIT 9.6 / anaddb / MULTIBINIT (sources: src/72_response/m_ddb.F90 dtech9 and
+ddb_get_dielt_zeff, src/44_abitools/m_dynmat.F90 cart29/cart39, chneu9, wght9, ftifc_q2r, asrif9,
+src/77_ddb/m_ifc.F90 ifc_init, src/77_ddb/m_ddb_elast.F90, src/77_ddb/m_ddb_internalstr.F90,
+src/78_effpot/m_effective_potential_file.F90 system_ddb2effpot), converted at the edge to sp_server's units
 (eV, Angstrom, amu; Voigt strain xx yy zz yz xz xy with engineering shear):
 
 * a DDB entry ``idir1 ipert1 idir2 ipert2 Re Im`` is d2E / d(pert1, idir1) d(pert2, idir2) in Hartree, with
@@ -15,8 +16,8 @@ src/78_effpot/m_effective_potential_file.F90 ``system_ddb2effpot``), converted a
   over the two halves (du dE, dE du) as dtech9 does, then charge neutrality imposed as chneu9 with chneut = 1
   (MULTIBINIT's ``system_ddb2effpot`` hard-codes chneut = 1): the violation sum_i Z*_i is removed in equal parts;
 * clamped-ion elastic tensor C_vw = d2E/d eta_v d eta_w / Omega (ddb_elast / system_ddb2effpot, no factor on the
-  shear components: ABINIT's shear strain perturbation is the engineering one, 2 eps_yz, the same as ours; checked
-  below against the TA sound velocity of the IFCs in tests/io/test_ddb.py);
+  shear components: ABINIT's shear strain perturbation is the engineering one, 2 eps_yz, the same as ours: checked
+  against the TA sound velocity of the IFCs in tests/io/test_ddb.py, which gives C44 to 0.3%);
 * internal strain Lambda[i, a, v] = d2E / du_ia d eta_v (Cartesian displacement index);
 * dynamical matrices C(q)_{ia,jb} = sum_R Phi_{ia,jb}(R) exp(+2 pi i q.R): phase from the cell translation
   only, atoms at the positions written in the DDB (anaddb's ftifc_q2r / ftifc_r2q convention).
@@ -67,9 +68,17 @@ _BLOCK_KINDS = {
 _POTENTIAL_MARKERS = ("description of the potentials", "description of the paw", "no information on the potentials")
 
 
+_FORTRAN_3DIGIT_EXP = re.compile(r"^([+-]?(?:\d+\.\d*|\.\d+))([+-]\d{3})$")
+
+
 def _float(tok: str) -> float:
+    """A Fortran real: 1.0D-02, 1.0E-02, 1.0d-02, or 0.1234-100 (the exponent letter dropped beyond 99)."""
+    t = tok.replace("D", "E").replace("d", "e")
+    m = _FORTRAN_3DIGIT_EXP.match(t)
+    if m:
+        t = f"{m.group(1)}E{m.group(2)}"
     try:
-        val = float(tok.replace("D", "E").replace("d", "e"))
+        val = float(t)
     except ValueError:
         raise ValueError(f"not a number: {tok!r}") from None
     if not math.isfinite(val):
@@ -302,7 +311,8 @@ class DDB:
 
     qpoints / dynmats: the q-points (fractional reciprocal coordinates) that have a complete atom-atom block in
     the file (often only the irreducible wedge of the mesh) and their dynamical matrices C(q) (eV/A^2, not mass
-    weighted, phase from cell translations only: C(q) = sum_R Phi(R) exp(2 pi i q.R)).
+    weighted, phase from cell translations only: C(q) = sum_R Phi(R) exp(2 pi i q.R)), as stored: DFPT matrices
+    are Hermitian only to their convergence (~1e-5 relative for BaHfO3); unfold_qmesh symmetrises them.
     born_charges: Z[i, g, a] = dP_g / du_a after charge neutrality (chneut = 1, equal repartition, as MULTIBINIT).
     elastic_clamped: eV/A^3, E = V/2 eta.C.eta (engineering shear).  internal_strain: Lambda[i, a, v] =
     d2E/du_ia d eta_v in eV/A, raw (no sum rule; harmonic_from_ddb imposes it with the ASR).
@@ -373,8 +383,12 @@ def _complete_atoms(blk: _Block, natom: int):
     return d
 
 
-def read_ddb(path) -> DDB:
-    """Read an ABINIT text DDB (any version with the 'Version number' banner, e.g. 100401 of ABINIT 8-9)."""
+def read_ddb(path, *, ngqpt=None) -> DDB:
+    """Read an ABINIT text DDB (any version with the 'Version number' banner, e.g. 100401 of ABINIT 8-9).
+
+    ``ngqpt``: the q-mesh (as anaddb's input variable); by default the smallest Gamma-centred mesh holding every
+    stored q-point and its symmetry images.  Either way the whole mesh must be obtainable from the stored points
+    with the space group (spglib on the DDB structure) and time reversal, else DDBFormatError."""
     raw = _parse_ddb(path)
     cur = _Lines(raw.path, [])
     h = raw.header
@@ -433,10 +447,13 @@ def read_ddb(path) -> DDB:
     # ---- dynamical matrices: blocks of 2nd derivatives with a complete atom-atom part (non-stationary first,
     # as MULTIBINIT's default rfmeth = 1), one per q-point
     d2blocks = [b for b in raw.blocks if b.kind == "d2ns"] + [b for b in raw.blocks if b.kind in ("d2st", "d2dyn")]
-    qlist, dlist = [], []
+    qlist, dlist, partial_phonon = [], [], []
     for blk in d2blocks:
         d = _complete_atoms(blk, natom)
         if d is None:
+            n_atom = sum(1 for k in blk.values if k[1] <= natom and k[3] <= natom)
+            if n_atom:
+                partial_phonon.append((blk, n_atom))
             continue
         q = blk.q()
         if any(np.allclose(q, q0, atol=1e-8) for q0 in qlist):
@@ -447,6 +464,11 @@ def read_ddb(path) -> DDB:
     if not qlist:
         raise cur.error("no block of second derivatives with a complete atom-atom (phonon) part: the DDB holds no "
                         "dynamical matrix")
+    for blk, n_atom in partial_phonon:
+        if not any(np.allclose(blk.q(), q0, atol=1e-8) for q0 in qlist):
+            raise cur.error(f"the block at line {blk.line} (q = {blk.q().tolist()}) has an incomplete phonon part: "
+                            f"{n_atom} of the {9 * natom * natom} atom-atom elements (inconsistent natom, or not all "
+                            f"atoms perturbed?)")
     qpoints = np.array(qlist)
     dynmats = np.array(dlist)
 
@@ -552,7 +574,12 @@ def read_ddb(path) -> DDB:
               qpoints=qpoints, dynmats=dynmats, born_charges=born, epsilon_inf=eps, elastic_clamped=elastic,
               internal_strain=internal, ngqpt=(0, 0, 0))
     ops = _space_group(ddb)
-    ddb.ngqpt = _deduce_mesh(ddb, ops)
+    if ngqpt is None:
+        ddb.ngqpt = _deduce_mesh(ddb, ops)
+    else:
+        ddb.ngqpt = tuple(int(n) for n in ngqpt)
+        if len(ddb.ngqpt) != 3 or min(ddb.ngqpt) < 1:
+            raise ValueError(f"ngqpt must be three positive integers, got {ngqpt!r}")
     _mesh_map(ddb, ops)   # checks that the whole mesh is obtainable
     return ddb
 
@@ -846,12 +873,14 @@ def model_from_ddb(path, *, dipdip: bool = True, asr: bool = True, name: Optiona
     notes = []
     energy = ddb.energy
     if energy is None:
-        notes.append("the DDB has no total-energy block: reference energy set to 0")
+        notes.append(f"{ddb.path}: the DDB has no total-energy block: reference energy set to 0")
         energy = 0.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         harmonic = harmonic_from_ddb(ddb, dipdip=dipdip, asr=asr)
     notes.extend(str(w.message) for w in caught)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     ref = Reference(ddb.cell, ddb.positions, ddb.numbers, ddb.masses, energy)
     meta = {
         "source": str(ddb.path),

@@ -87,3 +87,35 @@ def test_info_and_toy(tmp_path):
     assert run_cli("toy", "-o", path).returncode == 0
     proc = run_cli("info", path)
     assert proc.returncode == 0 and "(Ti_x-O_x)^4" in proc.stdout and "dipole-dipole: yes" in proc.stdout
+
+
+REF = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "reference" / "multibinit" / "BaHfO3"
+
+
+@pytest.mark.skipif(not REF.exists(), reason="shared reference data not present")
+def test_import_and_export(tmp_path):
+    """`sp-server import --ddb DDB [--coefficients X] -o MODEL` and `sp-server export MODEL -o PREFIX`."""
+    harm = tmp_path / "harm.h5"
+    proc = run_cli("import", "--ddb", REF / "BaHfO3_DDB", "-o", harm)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 anharmonic coefficient(s); dipole-dipole on" in proc.stdout
+    full = tmp_path / "full.h5"
+    proc = run_cli("import", "--ddb", REF / "BaHfO3_DDB", "--coefficients", REF / "BaHfO3.xml", "-o", full)
+    assert proc.returncode == 0 and "99 anharmonic coefficient(s)" in proc.stdout
+    proc = run_cli("import", "--ddb", REF / "BaHfO3_DDB", "--no-dipdip", "-o", tmp_path / "nodd.h5")
+    assert proc.returncode == 0 and "dipole-dipole off" in proc.stdout
+    proc = run_cli("export", full, "-o", tmp_path / "again")
+    assert proc.returncode == 0
+    proc = run_cli("import", "--system", tmp_path / "again_sys.xml", "--coefficients", tmp_path / "again_coeffs.xml",
+                   "-o", tmp_path / "again.h5")
+    assert proc.returncode == 0, proc.stderr
+    from sp_server.model import load_model
+    a, b = load_model(full), load_model(tmp_path / "again.h5")
+    assert np.allclose(a.anharmonic.values, b.anharmonic.values, rtol=1e-12)
+    assert np.allclose(a.harmonic.elastic, b.harmonic.elastic, rtol=1e-12)
+    proc = run_cli("import", "-o", tmp_path / "x.h5")
+    assert proc.returncode == 2 and "--ddb" in proc.stderr
+    bad = tmp_path / "bad_DDB"
+    bad.write_text((REF / "BaHfO3_DDB").read_text()[:5000])
+    proc = run_cli("import", "--ddb", bad, "-o", tmp_path / "y.h5")
+    assert proc.returncode == 2 and "bad_DDB" in proc.stderr
