@@ -36,6 +36,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..model.model import HarmonicPart, Model, Reference
 from ..units import BOHR_A, HARTREE_EV
 
 __all__ = ["DDB", "DDBFormatError", "read_ddb", "unfold_qmesh", "harmonic_from_ddb", "model_from_ddb",
@@ -335,16 +336,13 @@ class DDB:
     ngqpt: tuple
 
     @property
+    def reference(self) -> Reference:
+        """The DDB's structure as the model's reference cell (energy 0 when the DDB has none)."""
+        return Reference(self.cell, self.positions, self.numbers, self.masses, self.energy or 0.0)
+
+    @property
     def natoms(self) -> int:
         return len(self.numbers)
-
-    @property
-    def volume(self) -> float:
-        return abs(float(np.linalg.det(self.cell)))
-
-    @property
-    def scaled_positions(self) -> np.ndarray:
-        return self.positions @ np.linalg.inv(self.cell)
 
 
 def _pert_kind(ipert: int, natom: int) -> str:
@@ -605,7 +603,7 @@ def _space_group(ddb: DDB, symprec: float = 1e-5) -> list:
     import spglib
     if hasattr(spglib, "error") and hasattr(spglib.error, "OLD_ERROR_HANDLING"):
         spglib.error.OLD_ERROR_HANDLING = False
-    frac = ddb.scaled_positions
+    frac = ddb.reference.scaled_positions
     species = _species(ddb)
     try:
         sym = spglib.get_symmetry((ddb.cell, frac, species), symprec=symprec)
@@ -790,7 +788,6 @@ def harmonic_from_ddb(ddb: DDB, *, dipdip: bool = True, asr: bool = True):
 
     Without ``dipdip`` (or without Born charges) the IFCs are the full ones and the part carries no Born charges.
     A DDB without elastic or internal-strain data gives zeros there, with a warning."""
-    from ..model.model import HarmonicPart
 
     nat = ddb.natoms
     mesh = tuple(ddb.ngqpt)
@@ -809,7 +806,7 @@ def harmonic_from_ddb(ddb: DDB, *, dipdip: bool = True, asr: bool = True):
         raise DDBFormatError(f"{ddb.path}: the force constants of the mesh are not real (max imaginary part "
                              f"{imag:.2e} eV/A^2): C(-q) != conj C(q)")
     phi = phi.real
-    cells, w = _ws_weights(ddb.cell, ddb.scaled_positions, mesh)
+    cells, w = _ws_weights(ddb.cell, ddb.reference.scaled_positions, mesh)
     idx = np.mod(cells, mesh)
     ifc = phi[idx[:, 0], idx[:, 1], idx[:, 2]] * w[:, :, None, :, None]
     elastic = ddb.elastic_clamped
@@ -867,7 +864,6 @@ def phonon_frequencies(dynmats: np.ndarray, masses) -> np.ndarray:
 def model_from_ddb(path, *, dipdip: bool = True, asr: bool = True, name: Optional[str] = None):
     """A Model with the DDB's reference structure and energy and its exact harmonic part (no anharmonic terms).
     A DDB without a total-energy block gives reference energy 0 (noted in ``metadata['notes']``)."""
-    from ..model.model import Model, Reference
 
     ddb = read_ddb(path)
     notes = []
@@ -881,7 +877,7 @@ def model_from_ddb(path, *, dipdip: bool = True, asr: bool = True, name: Optiona
     notes.extend(str(w.message) for w in caught)
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    ref = Reference(ddb.cell, ddb.positions, ddb.numbers, ddb.masses, energy)
+    ref = ddb.reference
     meta = {
         "source": str(ddb.path),
         "format": "ABINIT DDB",
