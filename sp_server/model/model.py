@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 from ase import Atoms
 
+from .posterior import Posterior
 from .terms import AnharmonicPart, atom_labels, term_text
 
 
@@ -187,6 +188,7 @@ class Model:
     """A second-principles model: E = E_harm(u) + E_elastic(eta) + E_strain-phonon(u, eta) + sum_z w_z tau_z(u, eta).
 
     ``version`` is a counter that grows each time the coefficients change (used for hot reload and provenance).
+    ``posterior`` (from a Bayesian fit) makes every evaluation able to report its Bayesian error.
     """
 
     reference: Reference
@@ -195,12 +197,15 @@ class Model:
     name: str = "model"
     version: int = 1
     metadata: dict = field(default_factory=dict)
+    posterior: Optional[Posterior] = None
 
     def __post_init__(self):
         nat = self.reference.natoms
         if self.harmonic.natoms != nat:
             raise ValueError(f"harmonic part has {self.harmonic.natoms} atoms, reference has {nat}")
         self.anharmonic.check_atoms(nat)
+        if self.posterior is not None and self.posterior.ncoef != len(self.anharmonic):
+            raise ValueError(f"posterior has {self.posterior.ncoef} coefficients, the model {len(self.anharmonic)}")
 
     @property
     def natoms(self) -> int:
@@ -224,6 +229,9 @@ class Model:
             f"{self.harmonic.asr_violation():.2e} eV/A^2",
             f"  dipole-dipole: {'yes' if self.harmonic.has_dipole else 'no'}",
             f"  anharmonic coefficients: {len(self.anharmonic)}",
+            "  Bayesian posterior: " + ("none" if self.posterior is None else
+                                        f"sigma_v {self.posterior.sigma_v:.3g}, sigma_w {self.posterior.sigma_w:.3g}, "
+                                        f"{self.posterior.stats.get('n_structures', '?')} structures"),
         ]
         for text, value in zip(self.term_texts(), self.anharmonic.values):
             lines.append(f"    {value: .6e}  {text}")

@@ -1,4 +1,4 @@
-"""The native model file (HDF5, format ``sp_server.model`` version 1): writing, reading and validating it.
+"""The native model file (HDF5, format ``sp_server.model`` version 2): writing, reading and validating it.
 
 Layout (every dataset carries a ``unit`` attribute; see docs/model_format.md):
 
@@ -22,6 +22,10 @@ Layout (every dataset carries a ``unit`` attribute; see docs/model_format.md):
     /anharmonic/disp             (nd,10) atom_a, cell_a(3), atom_b, cell_b(3), direction(0..2), power
     /anharmonic/strain_offsets   (nt+1,)
     /anharmonic/strain           (ns,2)  voigt(1..6), power
+    /posterior (optional, version 2)     covariance (nz,nz) (eV/A^order)^2, feature_scale (nz,), attrs sigma_v,
+                           sigma_w, log_evidence, scales (JSON); stats/A (nz,nz), stats/b (nz,), attrs yy, n_rows,
+                           n_structures
+Version 1 files (no posterior) are still read.
 
 Files are written to a temporary name and renamed, so a reader never sees half a file.
 """
@@ -39,7 +43,8 @@ from .model import HarmonicPart, Model, Reference
 from .terms import AnharmonicPart, Coefficient, DisplacementDiff, StrainFactor, Term
 
 FORMAT = "sp_server.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ModelFileError(ValueError):
@@ -113,12 +118,41 @@ def save_model(model: Model, path) -> Path:
             _put(anh, "disp", disp, "1")
             _put(anh, "strain_offsets", soff, "1")
             _put(anh, "strain", strain, "1")
+            if model.posterior is not None:
+                _write_posterior(f.create_group("posterior"), model.posterior)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _write_posterior(g, post):
+    _put(g, "covariance", post.covariance, "(eV/Angstrom^order)^2")
+    _put(g, "feature_scale", post.feature_scale, "1")
+    g.attrs["sigma_v"] = post.sigma_v
+    g.attrs["sigma_w"] = post.sigma_w
+    g.attrs["log_evidence"] = post.log_evidence
+    g.attrs["scales"] = json.dumps(post.scales)
+    st = g.create_group("stats")
+    for k, v in post.stats.items():
+        if isinstance(v, np.ndarray):
+            _put(st, k, v, "whitened")
+        else:
+            st.attrs[k] = v
+
+
+def _read_posterior(g, path):
+    from .posterior import Posterior
+    try:
+        stats = {k: g["stats"][k][()] for k in g["stats"]}
+        stats.update({k: (v.item() if hasattr(v, "item") else v) for k, v in g["stats"].attrs.items()})
+        return Posterior(g["covariance"][()], float(g.attrs["sigma_v"]), float(g.attrs["sigma_w"]),
+                         json.loads(g.attrs["scales"]), g["feature_scale"][()], float(g.attrs["log_evidence"]),
+                         stats)
+    except KeyError as exc:
+        raise ModelFileError(f"{path}: /posterior is incomplete ({exc})") from None
 
 
 def _get(f, key, path):
@@ -174,10 +208,10 @@ def load_model(path) -> Model:
         if fmt != FORMAT:
             raise ModelFileError(f"{path}: not an sp_server model (format attribute is {fmt!r}, expected {FORMAT!r})")
         version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ModelFileError(
                 f"{path}: model format version {version} is not supported by this sp_server "
-                f"(reads version {FORMAT_VERSION}); upgrade sp_server or re-export the model"
+                f"(reads versions {READABLE_VERSIONS}); upgrade sp_server or re-export the model"
             )
         for attr in ("name", "model_version", "metadata"):
             if attr not in f.attrs:
@@ -200,8 +234,10 @@ def load_model(path) -> Model:
                 *(np.asarray(_get(f, f"anharmonic/{k}", path)) for k in
                   ("term_coefficient", "term_weight", "disp_offsets", "disp", "strain_offsets", "strain")),
             )
+            posterior = _read_posterior(f["posterior"], path) if "posterior" in f else None
             return Model(reference, harmonic, anharmonic, name=str(f.attrs["name"]),
-                         version=int(f.attrs["model_version"]), metadata=json.loads(f.attrs["metadata"]))
+                         version=int(f.attrs["model_version"]), metadata=json.loads(f.attrs["metadata"]),
+                         posterior=posterior)
         except ModelFileError:
             raise
         except (ValueError, TypeError, KeyError) as exc:

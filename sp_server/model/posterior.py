@@ -1,0 +1,73 @@
+"""The Bayesian posterior a fitted model carries, and the per-structure "Bayesian error" it predicts.
+
+The anharmonic coefficients w are the weights of a Bayesian linear model (paper eqs. 6-15): posterior mean =
+the model's values, covariance ``covariance`` (physical units, (eV/A^n)^2).  For a new structure with design rows
+phi (energy, forces, stress contributions of each coefficient at unit value) the Bayesian error of a quantity is
+sqrt(diag(phi Sigma phi^T)).  Reported per structure: energy std per reference cell (meV), the largest
+force-component std (eV/A) and the largest stress-component std (GPa).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..units import GPA_EV_A3
+
+#: the quantities a threshold can apply to, with their units
+ERROR_KEYS = {"energy_mev_per_cell": "meV per reference cell", "force_max": "eV/A", "stress_max_gpa": "GPa"}
+
+
+@dataclass
+class Posterior:
+    """Posterior of the anharmonic coefficients.
+
+    covariance: (nz, nz) of the physical coefficients.  sigma_v, sigma_w: noise and prior standard deviations of
+    the whitened problem (rows divided by ``scales``, columns by ``feature_scale``).  scales: the per-quantity
+    units that make rows commensurate: energy_per_atom (eV), force (eV/A), stress_gpa (GPa).  stats: sufficient
+    statistics of the whitened (unscaled-column) problem, A = Phi^T Phi, b = Phi^T y, yy = y^T y, n_rows,
+    n_structures, so that adding structures updates the fit without recomputing old rows.
+    """
+
+    covariance: np.ndarray
+    sigma_v: float
+    sigma_w: float
+    scales: dict
+    feature_scale: np.ndarray
+    log_evidence: float
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.covariance = np.asarray(self.covariance, dtype=float)
+        nz = self.covariance.shape[0]
+        if self.covariance.shape != (nz, nz) or not np.all(np.isfinite(self.covariance)):
+            raise ValueError("posterior covariance must be a finite square matrix")
+        self.feature_scale = np.asarray(self.feature_scale, dtype=float).reshape(nz)
+        for k in ("energy_per_atom", "force", "stress_gpa"):
+            if k not in self.scales:
+                raise ValueError(f"posterior scales: missing {k!r}")
+        self._chol = None
+
+    @property
+    def ncoef(self) -> int:
+        return self.covariance.shape[0]
+
+    def _factor(self):
+        if self._chol is None:
+            w, v = np.linalg.eigh(0.5 * (self.covariance + self.covariance.T))
+            self._chol = v * np.sqrt(np.clip(w, 0.0, None))  # Sigma = L L^T
+        return self._chol
+
+    def errors(self, phi_energy, phi_forces, phi_stress, ncell: int) -> dict:
+        """Bayesian errors of one structure from its design rows (physical units, as FrameResult gives them)."""
+        L = self._factor()
+        e_std = float(np.sqrt(np.sum((np.asarray(phi_energy) @ L) ** 2)))
+        pf = np.asarray(phi_forces).reshape(self.ncoef, -1).T @ L  # (3N, nz)
+        f_std = np.sqrt(np.sum(pf ** 2, axis=1))
+        ps = np.asarray(phi_stress).reshape(self.ncoef, 6).T @ L
+        s_std = np.sqrt(np.sum(ps ** 2, axis=1)) / GPA_EV_A3
+        return {
+            "energy_mev_per_cell": 1000.0 * e_std / ncell,
+            "force_max": float(f_std.max()) if f_std.size else 0.0,
+            "stress_max_gpa": float(s_std.max()),
+        }

@@ -1,0 +1,127 @@
+"""Bayesian regression against a teacher model with known coefficients and injected noise."""
+import numpy as np
+import pytest
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from sp_server import SecondPrinciplesCalculator
+from sp_server.fit.bayes import SufficientStats, evidence_fit, forward_selection
+from sp_server.fit.fit import QuantityScales, TrainingSet, fit_model
+from sp_server.model import AnharmonicPart, Model
+from sp_server.model.symmetry import space_group_operations, symmetrize
+from sp_server.model.terms import DisplacementDiff as D, StrainFactor as S, Term
+from sp_server.units import GPA_EV_A3
+from tests.conftest import displaced
+
+NOISE = 0.3  # in units of the quantity scales
+
+
+def noisy_data(teacher, n, seed, scales=QuantityScales(), noise=NOISE):
+    rng = np.random.default_rng(seed)
+    calc = SecondPrinciplesCalculator(teacher)
+    out = []
+    for k in range(n):
+        atoms = displaced(teacher, (2, 2, 2), seed=1000 * seed + k, amp=0.12, strain=0.015)
+        atoms.calc = calc
+        e, f, s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        e += rng.normal(0, noise * scales.energy_per_atom * len(atoms))
+        f = f + rng.normal(0, noise * scales.force, f.shape)
+        s = s + rng.normal(0, noise * scales.stress_gpa * GPA_EV_A3, 6)
+        a = atoms.copy()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f, stress=s)
+        out.append((f"teacher frame {k}", a))
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(toy):
+    return toy
+
+
+@pytest.fixture(scope="module")
+def base(teacher):
+    return Model(teacher.reference, teacher.harmonic, AnharmonicPart(), name="toy-harmonic")
+
+
+def test_recovers_teacher_coefficients_and_noise(teacher, base):
+    data = noisy_data(teacher, 25, seed=1)
+    model, report = fit_model(data, base, teacher.anharmonic.coefficients, progress=False, log=lambda *a: None)
+    w_true = teacher.anharmonic.values
+    w = model.anharmonic.values
+    std = np.sqrt(np.diag(model.posterior.covariance))
+    z = np.abs(w - w_true) / std
+    assert np.all(z < 4.5), (w, w_true, std)
+    # and the data really determine them (the pure-strain eta^3 term needs larger strains than these frames have)
+    disp = np.array([c.displacement_order > 0 for c in teacher.anharmonic.coefficients])
+    assert np.all(std[disp] < 0.3 * np.abs(w_true[disp]))
+    assert model.posterior.sigma_v == pytest.approx(NOISE, rel=0.1)
+    assert report.n_structures == 25 and not report.skipped
+    # training errors are at the injected noise level
+    assert report.rmse["forces"] == pytest.approx(NOISE * 0.05, rel=0.2)
+
+
+def test_incremental_statistics_equal_batch(teacher, base):
+    data = noisy_data(teacher, 6, seed=2)
+    ts1 = TrainingSet(base, teacher.anharmonic.coefficients)
+    for label, a in data:
+        ts1.add(a, label)
+    ts2 = TrainingSet(base, teacher.anharmonic.coefficients)
+    for label, a in data[:3]:
+        ts2.add(a, label)
+    st = ts2.combined()
+    for label, a in data[3:]:
+        ts2.add(a, label)
+    assert np.allclose(ts1.combined().A, ts2.combined().A) and not np.allclose(st.A, ts2.combined().A)
+
+
+def test_evidence_on_a_plain_linear_problem():
+    """sigma_v and the weights of y = X w + noise from the evidence iterations (no physics involved)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2000, 5))
+    w = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    y = X @ w + rng.normal(0, 0.1, 2000)
+    st = SufficientStats(5)
+    st.add(X, y)
+    fit = evidence_fit(st.A, st.b, st.yy, st.n_rows)
+    assert fit.converged
+    assert 1 / np.sqrt(fit.beta) == pytest.approx(0.1, rel=0.05)
+    assert np.allclose(fit.mean, w, atol=0.01)
+
+
+def test_selection_recovers_the_teacher_terms(teacher, base):
+    ops = space_group_operations(teacher.reference)
+    decoys = []
+    for seed in (D(0, (0, 0, 0), 2, (0, 0, 0), 0, 4), D(2, (0, 0, 0), 3, (0, 0, 0), 2, 4),
+                 D(0, (0, 0, 0), 4, (0, 0, 0), 1, 3)):
+        decoys.append(symmetrize(Term(1.0, (seed,)), ops, "decoy"))
+    decoys.append(symmetrize(Term(1.0, (D(2, (0, 0, 0), 3, (0, 0, 0), 0, 2),), (S(1, 1),)), ops, "decoy sp"))
+    decoys = [d for d in decoys if d is not None]
+    pool = decoys[:2] + list(teacher.anharmonic.coefficients) + decoys[2:]
+    data = noisy_data(teacher, 20, seed=3, noise=0.1)
+    n_true = len(teacher.anharmonic)
+    model, report = fit_model(data, base, pool, select=n_true, progress=False, log=lambda *a: None)
+    chosen = {c.name for c in model.anharmonic.coefficients}
+    assert chosen == {c.name for c in teacher.anharmonic.coefficients}
+    assert len(report.evidence_path) == n_true
+
+
+def test_bad_structures_are_reported_and_the_rest_used(teacher, base):
+    data = noisy_data(teacher, 8, seed=4)
+    bad = data[1][1].copy()
+    del bad[[0, 1, 2]]
+    bad.calc = SinglePointCalculator(bad, energy=1.0, forces=np.zeros((len(bad), 3)), stress=np.zeros(6))
+    nan = data[2][1].copy()
+    nan.calc = SinglePointCalculator(nan, energy=data[2][1].get_potential_energy(), forces=data[2][1].get_forces(),
+                                     stress=np.full(6, np.nan))
+    nostress = data[3][1].copy()
+    nostress.calc = SinglePointCalculator(nostress, energy=data[3][1].get_potential_energy(),
+                                          forces=data[3][1].get_forces())
+    items = [data[0], ("bad atoms", bad), ("nan stress", nan), ("no stress", nostress), data[4], data[4],
+             ("unreadable", ValueError("cannot read")), *data[5:]]
+    messages = []
+    model, report = fit_model(items, base, teacher.anharmonic.coefficients, progress=False, log=messages.append)
+    skipped = dict(report.skipped)
+    assert set(skipped) == {"bad atoms", data[4][0], "unreadable"}
+    assert "duplicate" in skipped[data[4][0]]
+    assert any("nan stress: non-finite stress" in m for m in messages)
+    assert any("no stress: no stress" in m for m in messages)
+    assert report.n_structures == 7
