@@ -2,7 +2,9 @@
 
 Each structure is evaluated independently: one that cannot be read or mapped is reported by file and frame and
 skipped, and the others are still written (appended frame by frame, so an interruption keeps what was done).
-Output units: energy eV, forces eV/A, stress eV/A^3 (ASE sign and Voigt order).
+Output units: energy eV, forces eV/A, stress eV/A^3 (ASE sign and Voigt order); with a model that carries a
+posterior, each frame also gets its Bayesian errors: sp_err_energy_mev_per_cell (meV per reference cell),
+sp_err_force_max (eV/A), sp_err_stress_max_gpa (GPa).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def evaluate_file(model: Model, structures, out, *, progress: bool = True, log=s
                 print(f"error: {label}: {item}", file=log)
                 continue
             try:
-                res = evaluator.evaluate(item.cell.array, item.positions, item.numbers)
+                res = evaluator.evaluate(item.cell.array, item.positions, item.numbers, errors=True)
             except ValueError as exc:
                 report.errors.append((label, str(exc)))
                 print(f"error: {label}: {exc}", file=log)
@@ -83,6 +85,8 @@ def evaluate_file(model: Model, structures, out, *, progress: bool = True, log=s
             atoms.info.update(sp_frame=k, sp_model=model.name, sp_model_version=model.version,
                               sp_max_displacement=res.frame.max_displacement,
                               sp_supercell=" ".join(str(n) for n in res.frame.mesh))
+            if res.errors is not None:  # Bayesian errors: meV per reference cell, eV/A, GPa
+                atoms.info.update({f"sp_err_{k}": v for k, v in res.errors.items()})
             atoms.calc = SinglePointCalculator(atoms, energy=res.energy, free_energy=res.energy,
                                                forces=res.forces, stress=res.stress)
             ase.io.write(fh, atoms, format="extxyz")

@@ -21,22 +21,26 @@ class SecondPrinciplesCalculator(Calculator):
     >>> atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
 
     ``parts`` restricts the energy to some of sp_server.potential.PARTS (e.g. only the harmonic part).
+    With ``errors=True`` and a model that carries a posterior, results hold 'bayesian_error': energy std per
+    reference cell (meV), largest force-component std (eV/A), largest stress-component std (GPa).
     results also hold 'energy_parts' (dict, eV) and, with ``design=True``, the design rows
     'phi_energy' (nz), 'phi_forces' (nz, N, 3) and 'phi_stress' (nz, 6) of the anharmonic coefficients.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model, parts=None, design: bool = False, max_strain: float = 0.25, **kwargs):
+    def __init__(self, model, parts=None, design: bool = False, errors: bool = False, max_strain: float = 0.25,
+                 **kwargs):
         super().__init__(**kwargs)
         self.model = model if isinstance(model, Model) else load_model(Path(model))
         self.evaluator = Evaluator(self.model, parts, max_strain=max_strain)
         self.design = design
+        self.errors = errors
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         res = self.evaluator.evaluate(self.atoms.cell.array, self.atoms.positions, self.atoms.numbers,
-                                      design=self.design)
+                                      design=self.design, errors=self.errors)
         self.results = {
             "energy": res.energy,
             "free_energy": res.energy,
@@ -47,3 +51,5 @@ class SecondPrinciplesCalculator(Calculator):
         }
         if self.design:
             self.results.update(phi_energy=res.phi_energy, phi_forces=res.phi_forces, phi_stress=res.phi_stress)
+        if res.errors is not None:
+            self.results["bayesian_error"] = res.errors

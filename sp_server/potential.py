@@ -173,6 +173,7 @@ class FrameResult:
     phi_energy: Optional[np.ndarray] = None
     phi_forces: Optional[np.ndarray] = None
     phi_stress: Optional[np.ndarray] = None
+    errors: Optional[dict] = None  # Bayesian errors (see sp_server.model.posterior) when the model has a posterior
 
 
 class Evaluator:
@@ -193,8 +194,12 @@ class Evaluator:
             self._potentials[mesh] = pot
         return pot
 
-    def evaluate(self, cell, positions, numbers, *, design: bool = False) -> FrameResult:
-        """cell: (3, 3) rows, Angstrom; positions (N, 3) Angstrom; numbers (N,).  Engine frame in, engine frame out."""
+    def evaluate(self, cell, positions, numbers, *, design: bool = False, errors: bool = False) -> FrameResult:
+        """cell: (3, 3) rows, Angstrom; positions (N, 3) Angstrom; numbers (N,).  Engine frame in, engine frame out.
+
+        design: also return the design rows; errors: also the Bayesian errors (needs a model with a posterior)."""
+        errors = errors and self.model.posterior is not None
+        design = design or errors
         frame = self.mapper.map(cell, positions, numbers)
         ev = self.potential(frame.mesh).evaluate(frame.u, frame.eta, design=design)
         R = frame.rotation
@@ -211,6 +216,9 @@ class Evaluator:
             result.phi_forces = phi_f
             sig = R @ strain_derivative(frame, ev.grad_u_rows, ev.grad_eta_rows) @ R.T / frame.volume
             result.phi_stress = np.stack([stress_voigt(s) for s in sig]) if nz else np.zeros((0, 6))
+        if errors:
+            result.errors = self.model.posterior.errors(result.phi_energy, result.phi_forces, result.phi_stress,
+                                                        len(frame.order) // self.model.natoms)
         return result
 
 

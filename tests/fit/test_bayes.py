@@ -125,3 +125,38 @@ def test_bad_structures_are_reported_and_the_rest_used(teacher, base):
     assert any("nan stress: non-finite stress" in m for m in messages)
     assert any("no stress: no stress" in m for m in messages)
     assert report.n_structures == 7
+
+
+def test_posterior_travels_with_the_model_and_eval_reports_errors(teacher, base, tmp_path):
+    """Saved and loaded, the fitted model's posterior gives the same Bayesian errors; sp-server eval writes them."""
+    import subprocess
+    import sys
+
+    import ase.io
+    from sp_server.model import load_model, save_model
+    data = noisy_data(teacher, 12, seed=5)
+    model, _ = fit_model(data, base, teacher.anharmonic.coefficients, progress=False, log=lambda *a: None)
+    path = save_model(model, tmp_path / "fit.h5")
+    back = load_model(path)
+    assert np.allclose(back.posterior.covariance, model.posterior.covariance)
+    probe = displaced(teacher, (2, 2, 2), seed=77, amp=0.1)
+    errs = []
+    for m in (model, back):
+        a = probe.copy()
+        a.calc = SecondPrinciplesCalculator(m, errors=True)
+        a.get_potential_energy()
+        errs.append(a.calc.results["bayesian_error"])
+    assert errs[0] == errs[1]
+    assert errs[0]["force_max"] > 0 and errs[0]["energy_mev_per_cell"] > 0
+    # farther from the data -> larger error
+    far = displaced(teacher, (2, 2, 2), seed=78, amp=0.3)
+    far.calc = SecondPrinciplesCalculator(model, errors=True)
+    far.get_potential_energy()
+    assert far.calc.results["bayesian_error"]["force_max"] > errs[0]["force_max"]
+    ase.io.write(tmp_path / "probe.extxyz", [probe, far])
+    proc = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "eval", str(path), str(tmp_path / "probe.extxyz"),
+                           "-o", str(tmp_path / "out.extxyz"), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = ase.io.read(tmp_path / "out.extxyz", ":")
+    assert got[0].info["sp_err_force_max"] == pytest.approx(errs[0]["force_max"], rel=1e-6)  # extxyz rounding
+    assert got[1].info["sp_err_energy_mev_per_cell"] > got[0].info["sp_err_energy_mev_per_cell"]
