@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 
 def _cmd_eval(args):
     from ..batch import evaluate_file
@@ -57,6 +59,65 @@ def _cmd_export(args):
     return 0
 
 
+def _cmd_harmonic(args):
+    import ase.io
+
+    from ..fit.harmonic import HarmonicSettings, harmonic_from_oracle
+    from ..model.native import save_model
+    from ..oracles import make_oracle
+    atoms = ase.io.read(args.structure)
+    settings = HarmonicSettings(supercell=tuple(args.supercell), displacement=args.displacement,
+                                strain_step=args.strain_step, relax_lattice=not args.no_relax)
+    model = harmonic_from_oracle(atoms, make_oracle(args.oracle), settings, born=args.born,
+                                 progress=not args.no_progress)
+    path = save_model(model, args.output)
+    print(model.summary())
+    print(f"harmonic model written to {path}")
+    return 0
+
+
+def _generator_settings(args):
+    from ..fit.generate import GeneratorSettings
+    return GeneratorSettings(cutoff=args.cutoff, orders=tuple(args.orders), max_bodies=args.max_bodies,
+                             strain_phonon=not args.no_strain_phonon)
+
+
+def _cmd_fit(args):
+    from ..batch import iter_structures
+    from ..fit.bound import BoundSettings, bound_model
+    from ..fit.fit import QuantityScales, fit_model
+    from ..io.multibinit import read_coefficients_xml
+    from ..model.native import load_model, save_model
+    base = load_model(args.harmonic)
+    if args.terms == "generate":
+        from ..fit.generate import generate_terms, print_counts
+        pool = generate_terms(base.reference, _generator_settings(args), progress=not args.no_progress)
+        print(f"generated {len(pool)} symmetry-adapted candidate coefficients:")
+        print_counts(pool)
+    else:
+        pool = read_coefficients_xml(args.terms, base.natoms).coefficients  # values ignored: only the terms
+        print(f"{len(pool)} candidate coefficients from {args.terms}")
+    scales = QuantityScales(args.energy_scale, args.force_scale, args.stress_scale)
+    model, report = fit_model(iter_structures(args.training), base, pool, select=args.select, scales=scales,
+                              progress=not args.no_progress)
+    print(f"fitted {len(model.anharmonic)} coefficients on {report.n_structures} structures "
+          f"({report.n_rows} rows; {len(report.skipped)} skipped): sigma_v {report.sigma_v:.3g}, "
+          f"sigma_w {report.sigma_w:.3g}, log evidence {report.log_evidence:.6g}")
+    print("training RMSE: " + ", ".join(f"{k} {v:.4g} {u}" for (k, v), u in
+                                        zip(report.rmse.items(), ("meV/atom", "eV/A", "GPa"))))
+    for text, value, var in zip(model.term_texts(), model.anharmonic.values, np.diag(model.posterior.covariance)):
+        print(f"  {value: .6e} +- {np.sqrt(var):.2e}  {text}")
+    ready = False  # only a model that passed the boundedness check is "ready"
+    if not args.no_bound:
+        model, bound = bound_model(model, BoundSettings())
+        ready = bound.bounded
+        model.metadata["bounded"] = bound.bounded
+    model.metadata["ready"] = ready
+    path = save_model(model, args.output)
+    print(f"model written to {path}" + ("" if ready else " -- NOT READY: it failed the boundedness check"))
+    return 0 if ready else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sp-server", description="Second-principles lattice models: evaluate, serve, fit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +143,37 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", metavar="PREFIX", required=True,
                     help="writes PREFIX_sys.xml and PREFIX_coeffs.xml")
     ex.set_defaults(func=_cmd_export)
+
+    h = sub.add_parser("harmonic", help="harmonic part from an oracle: lattice constant, phonopy force constants, "
+                                        "elastic and internal-strain tensors")
+    h.add_argument("structure", metavar="STRUCTURE", help="reference unit cell (any file ase.io reads)")
+    h.add_argument("--oracle", required=True, help="emt, chgnet, sevenn or package.module:factory")
+    h.add_argument("--supercell", type=int, nargs=3, default=[2, 2, 2], metavar=("N1", "N2", "N3"))
+    h.add_argument("--displacement", type=float, default=0.01, help="finite displacement, A (default 0.01)")
+    h.add_argument("--strain-step", type=float, default=0.005, help="finite strain (default 0.005)")
+    h.add_argument("--born", metavar="BORN", help="phonopy BORN file (Born charges + eps_inf) for dipole-dipole")
+    h.add_argument("--no-relax", action="store_true", help="keep the given lattice constant")
+    h.add_argument("--no-progress", action="store_true")
+    h.add_argument("-o", "--output", metavar="MODEL", required=True)
+    h.set_defaults(func=_cmd_harmonic)
+
+    f = sub.add_parser("fit", help="fit anharmonic coefficients (Bayesian regression) to labelled structures")
+    f.add_argument("training", metavar="TRAINING", help="extxyz or ase.db with energy, forces, stress")
+    f.add_argument("--harmonic", metavar="MODEL", required=True, help="model whose reference and harmonic part are kept")
+    f.add_argument("--terms", metavar="TERMS", required=True,
+                   help="MULTIBINIT coefficient XML whose terms form the pool (values ignored), or 'generate'")
+    f.add_argument("--select", type=int, metavar="N", help="select N terms by forward selection (default: fit all)")
+    f.add_argument("--cutoff", type=float, default=2.89, help="generate: pair cutoff, A (default 2.89)")
+    f.add_argument("--orders", type=int, nargs="+", default=[3, 4, 5, 6], help="generate: displacement orders")
+    f.add_argument("--max-bodies", type=int, default=2, help="generate: distinct differences per term (default 2)")
+    f.add_argument("--no-strain-phonon", action="store_true", help="generate: no strain-phonon terms")
+    f.add_argument("--energy-scale", type=float, default=1e-3, help="energy unit of the fit, eV/atom (1e-3)")
+    f.add_argument("--force-scale", type=float, default=0.05, help="force unit of the fit, eV/A (0.05)")
+    f.add_argument("--stress-scale", type=float, default=0.1, help="stress unit of the fit, GPa (0.1)")
+    f.add_argument("--no-bound", action="store_true", help="skip the boundedness check (model not marked ready)")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("-o", "--output", metavar="OUT", required=True)
+    f.set_defaults(func=_cmd_fit)
 
     i = sub.add_parser("info", help="print a model's summary and its anharmonic terms")
     i.add_argument("model", metavar="MODEL")

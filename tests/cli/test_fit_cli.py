@@ -1,0 +1,36 @@
+"""`sp-server fit TRAINING --harmonic MODEL --terms TERMS [--select N] -o OUT` end to end."""
+import ase.io
+import numpy as np
+
+from sp_server.io.multibinit import write_coefficients_xml
+from sp_server.model import AnharmonicPart, Model, load_model, save_model
+from tests.cli.test_eval_cli import run_cli
+from tests.fit.test_bayes import noisy_data
+
+
+def test_fit_from_xml_pool_with_selection(tmp_path, toy):
+    base = Model(toy.reference, toy.harmonic, AnharmonicPart(), name="toy-harmonic")
+    save_model(base, tmp_path / "harm.h5")
+    write_coefficients_xml(toy.anharmonic, tmp_path / "pool.xml")
+    data = noisy_data(toy, 15, seed=8)
+    ase.io.write(tmp_path / "train.extxyz", [a for _, a in data])
+    proc = run_cli("fit", tmp_path / "train.extxyz", "--harmonic", tmp_path / "harm.h5", "--terms",
+                   tmp_path / "pool.xml", "--select", "5", "-o", tmp_path / "fit.h5", "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fitted 5 coefficients on 15 structures" in proc.stdout
+    model = load_model(tmp_path / "fit.h5")
+    assert model.metadata["ready"] and model.posterior is not None
+    assert len(model.anharmonic) == 5
+    names = {c.name for c in toy.anharmonic.coefficients}
+    assert {c.name for c in model.anharmonic.coefficients} <= names
+    # bad training file: reported by name, the command still fits on the rest
+    frames = [a for _, a in data]
+    broken = frames[3].copy()
+    del broken[0]
+    ase.io.write(tmp_path / "train2.extxyz", frames[:3] + [broken] + frames[4:])
+    proc = run_cli("fit", tmp_path / "train2.extxyz", "--harmonic", tmp_path / "harm.h5", "--terms",
+                   tmp_path / "pool.xml", "-o", tmp_path / "fit2.h5", "--no-progress", "--no-bound")
+    assert proc.returncode == 3  # written, but not marked ready without the boundedness check
+    assert "train2.extxyz: frame 3" in proc.stdout + proc.stderr
+    assert not load_model(tmp_path / "fit2.h5").metadata["ready"]
+    assert np.isfinite(load_model(tmp_path / "fit2.h5").anharmonic.values).all()
