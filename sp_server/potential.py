@@ -215,7 +215,7 @@ class Evaluator:
             phi_f[:, frame.order] = -ev.grad_u_rows.reshape(nz, -1, 3) @ R.T
             result.phi_forces = phi_f
             sig = R @ strain_derivative(frame, ev.grad_u_rows, ev.grad_eta_rows) @ R.T / frame.volume
-            result.phi_stress = np.stack([stress_voigt(s) for s in sig]) if nz else np.zeros((0, 6))
+            result.phi_stress = stress_voigt(sig).reshape(nz, 6)
         if errors:
             result.errors = self.model.posterior.errors(result.phi_energy, result.phi_forces, result.phi_stress,
                                                         len(frame.order) // self.model.natoms)

@@ -72,8 +72,10 @@ class SufficientStats:
         return np.where(rms > 0, rms, 1.0)
 
 
-def evidence_fit(A, b, yy, n_rows, *, alpha=1.0, beta=1.0, max_iter=500, tol=1e-8) -> EvidenceFit:
-    """MacKay's fixed-point iterations for alpha, beta on scaled sufficient statistics (Bishop eqs. 3.87-3.95)."""
+def evidence_fit(A, b, yy, n_rows, *, alpha=1.0, beta=1.0, max_iter=200, tol=1e-8) -> EvidenceFit:
+    """MacKay's fixed-point iterations for alpha, beta on scaled sufficient statistics (Bishop eqs. 3.87-3.95).
+
+    The residual is floored at 1e-12 of y^T y, so noise-free data (a perfect fit) give a large but finite beta."""
     m = len(b)
     lam, q = np.linalg.eigh(0.5 * (A + A.T))
     lam = np.clip(lam, 0.0, None)
@@ -85,7 +87,7 @@ def evidence_fit(A, b, yy, n_rows, *, alpha=1.0, beta=1.0, max_iter=500, tol=1e-
         mean_q = beta * qb / d
         gamma = float(np.sum(beta * lam / d))
         mm = float(mean_q @ mean_q)
-        resid = max(yy - 2.0 * float(mean_q @ qb) + float(np.sum(lam * mean_q ** 2)), 1e-300)
+        resid = max(yy - 2.0 * float(mean_q @ qb) + float(np.sum(lam * mean_q ** 2)), 1e-12 * yy, 1e-300)
         new_alpha = gamma / max(mm, 1e-300)
         new_beta = max(n_rows - gamma, 1e-12) / resid
         done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta

@@ -32,9 +32,12 @@ def matrix_from_voigt(eta: np.ndarray) -> np.ndarray:
     return np.array([[e[0], e[5] / 2, e[4] / 2], [e[5] / 2, e[1], e[3] / 2], [e[4] / 2, e[3] / 2, e[2]]])
 
 
+_VI, _VJ = np.array(VOIGT_PAIRS).T
+
+
 def stress_voigt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric 3x3 stress -> ASE Voigt order (xx, yy, zz, yz, xz, xy)."""
-    return np.array([sigma[i, j] for i, j in VOIGT_PAIRS])
+    """Symmetric 3x3 stress (or a stack (..., 3, 3)) -> ASE Voigt order (xx, yy, zz, yz, xz, xy)."""
+    return np.asarray(sigma)[..., _VI, _VJ]
 
 
 @dataclass
