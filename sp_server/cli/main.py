@@ -79,7 +79,8 @@ def _cmd_harmonic(args):
 def _generator_settings(args):
     from ..fit.generate import GeneratorSettings
     return GeneratorSettings(cutoff=args.cutoff, orders=tuple(args.orders), max_bodies=args.max_bodies,
-                             strain_phonon=not args.no_strain_phonon)
+                             strain_phonon=not args.no_strain_phonon, strain_powers=tuple(args.strain_powers),
+                             sp_orders=tuple(args.sp_orders))
 
 
 def _cmd_fit(args):
@@ -167,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--orders", type=int, nargs="+", default=[3, 4, 5, 6], help="generate: displacement orders")
     f.add_argument("--max-bodies", type=int, default=2, help="generate: distinct differences per term (default 2)")
     f.add_argument("--no-strain-phonon", action="store_true", help="generate: no strain-phonon terms")
+    f.add_argument("--strain-powers", type=int, nargs="+", default=[1],
+                   help="generate: strain powers of strain-phonon terms (default 1; 1 2 gives ~8x more terms)")
+    f.add_argument("--sp-orders", type=int, nargs="+", default=[1, 2],
+                   help="generate: displacement orders of strain-phonon terms (default 1 2)")
     f.add_argument("--energy-scale", type=float, default=1e-3, help="energy unit of the fit, eV/atom (1e-3)")
     f.add_argument("--force-scale", type=float, default=0.05, help="force unit of the fit, eV/A (0.05)")
     f.add_argument("--stress-scale", type=float, default=0.1, help="stress unit of the fit, GPa (0.1)")
