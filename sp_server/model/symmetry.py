@@ -127,12 +127,14 @@ def _key(term: Term):
 def symmetrize(term: Term, ops, name: str = "", tol: float = 1e-10) -> Coefficient | None:
     """The orbit of ``term`` under ``ops`` as one coefficient (weights normalised so the seed has weight 1), or
     None when the orbit sums to zero (the monomial is forbidden by symmetry)."""
+    seed = canonical(term)
+    if any(d.atom_a == d.atom_b and d.cell_a == d.cell_b for d in seed.displacements):
+        return None  # a difference of a site with itself (e.g. a lone u_a(L) - u_a(L+R) summed over L) is zero
     acc: dict = {}
     for op in ops:
         t = canonical(_apply(op, term))
         k = _key(t)
         acc[k] = acc.get(k, 0.0) + t.weight
-    seed = canonical(term)
     norm = acc.get(_key(seed), 0.0)
     if abs(norm) < tol:
         return None

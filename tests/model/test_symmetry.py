@@ -67,3 +67,8 @@ def test_symmetrized_energy_is_invariant_under_the_group(term, ops, toy):
             img.set_cell(-img.cell.array, scale_atoms=False)
         img.calc = calc
         assert img.get_potential_energy() == pytest.approx(e0, rel=1e-10, abs=1e-12)
+
+
+def test_lone_difference_of_a_site_with_its_own_image_vanishes(ops):
+    """sum_L (u_Ti(L) - u_Ti(L + x)) is identically zero: no coefficient."""
+    assert symmetrize(Term(1.0, (D(1, (0, 0, 0), 1, (1, 0, 0), 0, 1),)), ops) is None
