@@ -25,6 +25,7 @@ from .potential import Evaluator
 @dataclass
 class BatchReport:
     evaluated: int = 0
+    flagged: int = 0
     errors: list = field(default_factory=list)  # (frame label, message)
 
     @property
@@ -59,8 +60,11 @@ def iter_structures(path) -> Iterator[tuple[str, object]]:
         k += 1
 
 
-def evaluate_file(model: Model, structures, out, *, progress: bool = True, log=sys.stderr) -> BatchReport:
-    """Evaluate every structure of ``structures`` with ``model`` and write extended XYZ to ``out``."""
+def evaluate_file(model: Model, structures, out, *, progress: bool = True, log=sys.stderr,
+                  threshold=None) -> BatchReport:
+    """Evaluate every structure of ``structures`` with ``model`` and write extended XYZ to ``out``.
+
+    threshold (an ErrorThreshold): frames whose Bayesian error exceeds it get sp_flagged = True."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
@@ -87,6 +91,9 @@ def evaluate_file(model: Model, structures, out, *, progress: bool = True, log=s
                               sp_supercell=" ".join(str(n) for n in res.frame.mesh))
             if res.errors is not None:  # Bayesian errors: meV per reference cell, eV/A, GPa
                 atoms.info.update({f"sp_err_{k}": v for k, v in res.errors.items()})
+                if threshold is not None:
+                    atoms.info["sp_flagged"] = bool(threshold.exceeded(res.errors))
+                    report.flagged += atoms.info["sp_flagged"]
             atoms.calc = SinglePointCalculator(atoms, energy=res.energy, free_energy=res.energy,
                                                forces=res.forces, stress=res.stress)
             ase.io.write(fh, atoms, format="extxyz")

@@ -10,9 +10,14 @@ import numpy as np
 def _cmd_eval(args):
     from ..batch import evaluate_file
     from ..model.native import load_model
+    from ..model.posterior import ErrorThreshold
     model = load_model(args.model)
-    report = evaluate_file(model, args.structures, args.output, progress=not args.no_progress)
-    print(f"{report.evaluated} structure(s) evaluated, {report.failed} failed -> {args.output}")
+    threshold = ErrorThreshold.parse(args.threshold) if args.threshold else None
+    if threshold is not None and model.posterior is None:
+        raise ValueError(f"{args.model}: --threshold needs a model with a Bayesian posterior (from sp-server fit)")
+    report = evaluate_file(model, args.structures, args.output, progress=not args.no_progress, threshold=threshold)
+    flagged = f", {report.flagged} flagged ({threshold})" if threshold is not None else ""
+    print(f"{report.evaluated} structure(s) evaluated, {report.failed} failed{flagged} -> {args.output}")
     return 1 if report.failed else 0
 
 
@@ -127,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", metavar="MODEL", help="native model file (.h5)")
     e.add_argument("structures", metavar="STRUCTURES", help="any file ase.io reads (extxyz, POSCAR, ...) or an ase.db")
     e.add_argument("-o", "--output", metavar="OUT.extxyz", required=True)
+    e.add_argument("--threshold", metavar="QUANTITY=VALUE",
+                   help="flag frames whose Bayesian error exceeds this: force_max (eV/A, the default quantity), "
+                        "energy_mev_per_cell (meV) or stress_max_gpa (GPa), e.g. force_max=0.1")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
 

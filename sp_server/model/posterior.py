@@ -19,6 +19,36 @@ ERROR_KEYS = {"energy_mev_per_cell": "meV per reference cell", "force_max": "eV/
 
 
 @dataclass
+class ErrorThreshold:
+    """Which Bayesian error drives flagging, and its threshold (default: the largest force-component std,
+    0.1 eV/A).  ``quantity`` is one of ERROR_KEYS; ``value`` is in that quantity's unit."""
+
+    quantity: str = "force_max"
+    value: float = 0.1
+
+    def __post_init__(self):
+        if self.quantity not in ERROR_KEYS:
+            raise ValueError(f"unknown error quantity {self.quantity!r}; use one of {sorted(ERROR_KEYS)}")
+        if not self.value > 0:
+            raise ValueError(f"threshold must be positive, got {self.value}")
+
+    @classmethod
+    def parse(cls, text: str) -> "ErrorThreshold":
+        """'force_max=0.1' (or just '0.1' for the default quantity)."""
+        key, _, val = text.rpartition("=")
+        try:
+            return cls(key or "force_max", float(val))
+        except ValueError as exc:
+            raise ValueError(f"threshold {text!r}: {exc}") from None
+
+    def exceeded(self, errors: dict) -> bool:
+        return errors[self.quantity] > self.value
+
+    def __str__(self):
+        return f"{self.quantity} > {self.value:g} {ERROR_KEYS[self.quantity]}"
+
+
+@dataclass
 class Posterior:
     """Posterior of the anharmonic coefficients.
 

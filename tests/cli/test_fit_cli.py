@@ -34,3 +34,28 @@ def test_fit_from_xml_pool_with_selection(tmp_path, toy):
     assert "train2.extxyz: frame 3" in proc.stdout + proc.stderr
     assert not load_model(tmp_path / "fit2.h5").metadata["ready"]
     assert np.isfinite(load_model(tmp_path / "fit2.h5").anharmonic.values).all()
+
+
+def test_harmonic_then_fit_with_generated_terms(tmp_path):
+    """`sp-server harmonic` with EMT, then `sp-server fit ... --terms generate` on EMT-labelled frames."""
+    from ase import Atoms
+
+    from tests.fit.test_fit_real_oracle import labelled
+    cell = Atoms("AuCu3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
+                 cell=np.eye(3) * 3.8, pbc=True)
+    ase.io.write(tmp_path / "Cu3Au.vasp", cell, format="vasp")
+    proc = run_cli("harmonic", tmp_path / "Cu3Au.vasp", "--oracle", "emt", "-o", tmp_path / "harm.h5",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no Born charges" in proc.stdout + proc.stderr
+    harm = load_model(tmp_path / "harm.h5")
+    ase.io.write(tmp_path / "train.extxyz", [a for _, a in labelled(harm, 25, seed=4, amp=0.05)])
+    proc = run_cli("fit", tmp_path / "train.extxyz", "--harmonic", tmp_path / "harm.h5", "--terms", "generate",
+                   "--cutoff", "2.8", "--orders", "3", "4", "--max-bodies", "2", "--select", "20",
+                   "-o", tmp_path / "fit.h5", "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "symmetry-adapted candidate coefficients" in proc.stdout
+    assert "fitted 20 coefficients on 25 structures" in proc.stdout
+    assert load_model(tmp_path / "fit.h5").metadata["ready"]
+    proc = run_cli("harmonic", tmp_path / "Cu3Au.vasp", "--oracle", "nosuch", "-o", tmp_path / "x.h5")
+    assert proc.returncode == 2 and "unknown oracle 'nosuch'" in proc.stderr

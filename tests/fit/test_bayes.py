@@ -160,3 +160,32 @@ def test_posterior_travels_with_the_model_and_eval_reports_errors(teacher, base,
     got = ase.io.read(tmp_path / "out.extxyz", ":")
     assert got[0].info["sp_err_force_max"] == pytest.approx(errs[0]["force_max"], rel=1e-6)  # extxyz rounding
     assert got[1].info["sp_err_energy_mev_per_cell"] > got[0].info["sp_err_energy_mev_per_cell"]
+
+
+def test_threshold_configuration(teacher, base, tmp_path):
+    import subprocess
+    import sys
+
+    import ase.io
+    from sp_server.model import save_model
+    from sp_server.model.posterior import ErrorThreshold
+    assert ErrorThreshold.parse("0.2") == ErrorThreshold("force_max", 0.2)
+    assert ErrorThreshold.parse("stress_max_gpa=0.5").quantity == "stress_max_gpa"
+    with pytest.raises(ValueError, match="unknown error quantity"):
+        ErrorThreshold.parse("forces=1")
+    model, _ = fit_model(noisy_data(teacher, 10, seed=6), base, teacher.anharmonic.coefficients, progress=False,
+                         log=lambda *a: None)
+    path = save_model(model, tmp_path / "m.h5")
+    near = displaced(teacher, (2, 2, 2), seed=90, amp=0.05)
+    far = displaced(teacher, (2, 2, 2), seed=91, amp=0.4)
+    ase.io.write(tmp_path / "in.extxyz", [near, far])
+    a = far.copy()
+    a.calc = SecondPrinciplesCalculator(model, errors=True)
+    a.get_potential_energy()
+    mid = 0.5 * a.calc.results["bayesian_error"]["force_max"]
+    proc = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "eval", str(path), str(tmp_path / "in.extxyz"),
+                           "-o", str(tmp_path / "out.extxyz"), "--threshold", f"force_max={mid}", "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 flagged" in proc.stdout
+    assert [g.info["sp_flagged"] for g in ase.io.read(tmp_path / "out.extxyz", ":")] == [False, True]
