@@ -73,7 +73,14 @@ def _cmd_harmonic(args):
     atoms = ase.io.read(args.structure)
     settings = HarmonicSettings(supercell=tuple(args.supercell), displacement=args.displacement,
                                 strain_step=args.strain_step, relax_lattice=not args.no_relax)
-    model = harmonic_from_oracle(atoms, make_oracle(args.oracle), settings, born=args.born,
+    born = args.born
+    if born is not None and "DDB" in born:  # Born charges and eps_inf from an ABINIT DDB
+        from ..io.ddb import read_ddb
+        ddb = read_ddb(born)
+        if ddb.born_charges is None:
+            raise ValueError(f"{born}: the DDB has no Born charges / dielectric tensor")
+        born = (ddb.born_charges, ddb.epsilon_inf)
+    model = harmonic_from_oracle(atoms, make_oracle(args.oracle), settings, born=born,
                                  progress=not args.no_progress)
     path = save_model(model, args.output)
     print(model.summary())
@@ -160,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--supercell", type=int, nargs=3, default=[2, 2, 2], metavar=("N1", "N2", "N3"))
     h.add_argument("--displacement", type=float, default=0.01, help="finite displacement, A (default 0.01)")
     h.add_argument("--strain-step", type=float, default=0.005, help="finite strain (default 0.005)")
-    h.add_argument("--born", metavar="BORN", help="phonopy BORN file (Born charges + eps_inf) for dipole-dipole")
+    h.add_argument("--born", metavar="BORN",
+                   help="Born charges + eps_inf for the dipole-dipole part: a phonopy BORN file or an ABINIT DDB "
+                        "(a file name containing 'DDB'); without: no dipole-dipole part")
     h.add_argument("--no-relax", action="store_true", help="keep the given lattice constant")
     h.add_argument("--no-progress", action="store_true")
     h.add_argument("-o", "--output", metavar="MODEL", required=True)

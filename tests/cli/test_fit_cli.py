@@ -59,3 +59,28 @@ def test_harmonic_then_fit_with_generated_terms(tmp_path):
     assert load_model(tmp_path / "fit.h5").metadata["ready"]
     proc = run_cli("harmonic", tmp_path / "Cu3Au.vasp", "--oracle", "nosuch", "-o", tmp_path / "x.h5")
     assert proc.returncode == 2 and "unknown oracle 'nosuch'" in proc.stderr
+
+
+def test_harmonic_with_born_charges_from_a_ddb(tmp_path):
+    """--born takes the Born charges and eps_inf of an ABINIT DDB (here BaHfO3's, on the toy BaTiO3-like oracle)."""
+    from tests.cli.test_eval_cli import REF
+    if not REF.exists():
+        import pytest
+        pytest.skip("shared reference data not present")
+    from sp_server.model.toy import toy_perovskite
+    toy = toy_perovskite(dipole=False)
+    save_model(toy, tmp_path / "teacher.h5")
+    ase.io.write(tmp_path / "cell.vasp", toy.supercell((1, 1, 1)), format="vasp")
+    (tmp_path / "teacher_oracle.py").write_text(
+        "from sp_server import SecondPrinciplesCalculator\n"
+        f"def make():\n    return SecondPrinciplesCalculator({str(tmp_path / 'teacher.h5')!r})\n")
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "harmonic", str(tmp_path / "cell.vasp"),
+                           "--oracle", "teacher_oracle:make", "--born", str(REF / "BaHfO3_DDB"), "--no-relax",
+                           "-o", str(tmp_path / "h.h5"), "--no-progress"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    h = load_model(tmp_path / "h.h5").harmonic
+    assert h.has_dipole and abs(h.born_charges[1, 0, 0] - 5.816) < 0.01 and abs(h.epsilon_inf[0, 0] - 4.68) < 0.01
