@@ -131,6 +131,21 @@ def _cmd_fit(args):
     return 0 if ready else 3
 
 
+def _cmd_serve(args):
+    import logging
+
+    from ..model.posterior import ErrorThreshold
+    from ..server.driver import ForceServer, ServeSettings
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        filename=args.log)
+    if not args.unix and args.port is None:
+        raise ValueError("an INET connection needs --port (or use --unix)")
+    settings = ServeSettings(threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
+                             wait=args.wait)
+    server = ForceServer(args.model, args.address, args.port, args.unix, args.connections, args.queue, settings)
+    return server.serve_forever()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sp-server", description="Second-principles lattice models: evaluate, serve, fit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -196,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("-o", "--output", metavar="OUT", required=True)
     f.set_defaults(func=_cmd_fit)
+
+    sv = sub.add_parser("serve", help="i-PI protocol force server (connects to the engine as a driver)")
+    sv.add_argument("model", metavar="MODEL")
+    sv.add_argument("--address", required=True, help="host name, or with --unix the name of /tmp/ipi_ADDRESS")
+    sv.add_argument("--port", type=int, help="TCP port (INET sockets)")
+    sv.add_argument("--unix", action="store_true", help="UNIX socket /tmp/ipi_ADDRESS")
+    sv.add_argument("--connections", type=int, default=1, help="parallel connections (e.g. one per PIMD bead)")
+    sv.add_argument("--queue", metavar="DB", help="ase.db file or PostgreSQL URL for flagged frames")
+    sv.add_argument("--threshold", metavar="QUANTITY=VALUE", help="flagging threshold (default force_max=0.1)")
+    sv.add_argument("--wait", type=float, default=600.0, help="seconds to retry until the engine is up")
+    sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
+    sv.set_defaults(func=_cmd_serve)
 
     i = sub.add_parser("info", help="print a model's summary and its anharmonic terms")
     i.add_argument("model", metavar="MODEL")

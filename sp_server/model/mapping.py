@@ -105,7 +105,8 @@ class FrameMapper:
             t = scaled - self._tau[i]
             cell = np.round(t)
             dist = np.linalg.norm((t - cell) @ unit_cell, axis=1)
-            dist[numbers != self.reference.numbers[i]] = np.inf
+            if numbers is not None:  # without species (i-PI sends none) atoms are matched by position alone
+                dist[numbers != self.reference.numbers[i]] = np.inf
             better = dist < best_d
             cidx = np.mod(cell.astype(int), n)
             site = ((cidx[:, 0] * mesh[1] + cidx[:, 1]) * mesh[2] + cidx[:, 2]) * nat + i
@@ -126,10 +127,11 @@ class FrameMapper:
         return order
 
     def map(self, cell, positions, numbers) -> Frame:
-        """cell: (3, 3) lattice vectors as rows (transpose i-PI's h first); positions (N, 3); Angstrom."""
+        """cell: (3, 3) lattice vectors as rows (transpose i-PI's h first); positions (N, 3); Angstrom.
+        numbers: atomic numbers, or None to match atoms to sites by position alone."""
         cell = np.asarray(cell, dtype=float)
         positions = np.asarray(positions, dtype=float)
-        numbers = np.asarray(numbers)
+        numbers = None if numbers is None else np.asarray(numbers)
         if cell.shape != (3, 3) or not np.all(np.isfinite(cell)):
             raise MappingError("cell must be a finite 3x3 matrix")
         if positions.ndim != 2 or positions.shape[1] != 3 or not np.all(np.isfinite(positions)):
@@ -161,7 +163,7 @@ class FrameMapper:
         x = positions @ R  # unrotated Cartesian positions (rows: R^T r)
         H = h0 @ U  # strained reference supercell, rows
         frac = x @ np.linalg.inv(H)
-        key = (len(positions), mesh, hash(numbers.tobytes()))
+        key = (len(positions), mesh, None if numbers is None else hash(numbers.tobytes()))
         sites_frac = self._sites(mesh)
         order = self._cache.get(key)
         rematch = order is None
@@ -176,7 +178,7 @@ class FrameMapper:
             d = frac[order] - sites_frac
             d -= np.round(d)
             u = d @ H
-        if np.any(numbers[order] != np.tile(self.reference.numbers, ncell)):
+        if numbers is not None and np.any(numbers[order] != np.tile(self.reference.numbers, ncell)):
             raise MappingError("species of the structure do not match the cached atom order")
         return Frame(
             mesh=mesh, u=u.reshape(mesh + (nat, 3)), eta=voigt_from_matrix(strain), stretch=U, rotation=R,

@@ -120,6 +120,9 @@ def save_model(model: Model, path) -> Path:
             _put(anh, "strain", strain, "1")
             if model.posterior is not None:
                 _write_posterior(f.create_group("posterior"), model.posterior)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: a model is meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

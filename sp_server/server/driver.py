@@ -1,0 +1,270 @@
+"""The force server: i-PI driver connections evaluating a model, with per-frame Bayesian error, flagging into a
+queue, and hot reload of the model file.
+
+One process holds K connections (threads), all sharing one model holder and one queue writer; each connection has
+its own Evaluator (work buffers are per connection).  A bad message or an unmappable frame closes that connection
+with a log line naming the frame and the problem; the others go on.  Frames are flagged when their Bayesian error
+exceeds the threshold and is a local maximum along that connection's trajectory (the paper's rule), or at once
+when they leave the trusted range (atoms far from their sites, energy far below the reference, non-finite).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..model.mapping import MappingError
+from ..model.native import ModelFileError, load_model
+from ..model.posterior import ErrorThreshold
+from ..potential import Evaluator
+from .protocol import Connection, EngineClosed, ProtocolError, connect
+from .queue import FlagQueue
+
+log = logging.getLogger("sp_server.serve")
+
+
+@dataclass
+class ServeSettings:
+    threshold: Optional[ErrorThreshold] = None  # default: ErrorThreshold() when the model has a posterior
+    max_displacement: float = 1.0       # A: beyond this an atom has left its site (trusted range)
+    energy_floor: float = -1.0          # eV per reference cell below the reference energy: untrusted
+    wait: float = 600.0                 # s to keep retrying the connection while the engine starts
+    reload_interval: float = 1.0        # s between checks of the model file
+    socket_timeout: float = 3600.0      # s without a message from the engine before giving up
+
+
+class ModelHolder:
+    """The current model, reloaded when its file is atomically replaced (checked at most every interval s)."""
+
+    def __init__(self, path, interval: float = 1.0):
+        self.path = Path(path)
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.model = load_model(self.path)
+        self._stamp = self._stat()
+        self._checked = time.monotonic()
+        self.generation = 0
+
+    def _stat(self):
+        st = os.stat(self.path)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def poll(self):
+        """Between frames: reload if the file changed; returns the current (generation, model)."""
+        now = time.monotonic()
+        with self.lock:
+            if now - self._checked >= self.interval:
+                self._checked = now
+                try:
+                    stamp = self._stat()
+                except OSError:
+                    stamp = self._stamp
+                if stamp != self._stamp:
+                    try:
+                        new = load_model(self.path)
+                    except ModelFileError as exc:
+                        log.error("model file changed but cannot be read (%s); keeping version %s", exc,
+                                  self.model.version)
+                    else:
+                        log.info("hot reload: model %s version %s -> %s", self.path, self.model.version, new.version)
+                        self.model = new
+                        self.generation += 1
+                    self._stamp = stamp
+            return self.generation, self.model
+
+
+class _Trajectory:
+    """Local-maximum flagging along one connection: frame k is decided when frame k+1 arrives."""
+
+    def __init__(self, threshold: Optional[ErrorThreshold]):
+        self.threshold = threshold
+        self.prev = None  # (value, record)
+        self.cur = None
+
+    def push(self, value: float, record: dict):
+        out = None
+        if self.threshold is not None and self.cur is not None:
+            v_prev = self.prev[0] if self.prev is not None else -np.inf
+            v_cur, rec = self.cur
+            if v_cur > self.threshold.value and v_cur >= v_prev and v_cur >= value:
+                out = rec
+        self.prev, self.cur = self.cur, (value, record)
+        return out
+
+    def finish(self):
+        """At the end of the trajectory the last frame can still be a maximum."""
+        if self.threshold is None or self.cur is None:
+            return None
+        v_prev = self.prev[0] if self.prev is not None else -np.inf
+        v_cur, rec = self.cur
+        return rec if v_cur > self.threshold.value and v_cur >= v_prev else None
+
+
+class ForceServer:
+    def __init__(self, model_path, address: str, port: Optional[int] = None, unix: bool = False,
+                 connections: int = 1, queue: Optional[str] = None, settings: ServeSettings = ServeSettings()):
+        self.holder = ModelHolder(model_path, settings.reload_interval)
+        self.address, self.port, self.unix = address, port, unix
+        self.n_connections = connections
+        self.settings = settings
+        if settings.threshold is None and self.holder.model.posterior is not None:
+            settings.threshold = ErrorThreshold()
+        self.queue = FlagQueue(queue) if queue else None
+        self.stop = threading.Event()
+        self.results: list = []
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def _connect(self, k: int) -> Optional[Connection]:
+        deadline = time.monotonic() + self.settings.wait
+        where = f"/tmp/ipi_{self.address}" if self.unix else f"{self.address}:{self.port}"
+        while not self.stop.is_set():
+            try:
+                conn = connect(self.address, self.port, self.unix, self.settings.socket_timeout)
+                log.info("connection %d: connected to %s", k, where)
+                return conn
+            except (ConnectionRefusedError, FileNotFoundError, socket.timeout, OSError) as exc:
+                if time.monotonic() > deadline:
+                    log.error("connection %d: no engine at %s after %.0f s (%s)", k, where, self.settings.wait, exc)
+                    return None
+                time.sleep(0.2)
+        return None
+
+    def serve_forever(self) -> int:
+        """Run K connections until the engine says EXIT (or they fail); returns 0 when every connection ended
+        with EXIT, 1 otherwise."""
+        def on_term(signum, frame):
+            log.warning("signal %d: stopping, flushing the queue", signum)
+            self.stop.set()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
+        threads = [threading.Thread(target=self._run_connection, args=(k,), daemon=True)
+                   for k in range(self.n_connections)]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=0.2)
+        finally:
+            self.stop.set()
+            if self.queue is not None:
+                self.queue.close()
+        return 0 if self.results and all(r == "exit" for r in self.results) else 1
+
+    # ------------------------------------------------------------------------------------------------ one client
+    def _run_connection(self, k: int):
+        conn = self._connect(k)
+        if conn is None:
+            self.results.append("no engine")
+            return
+        outcome = "closed"
+        generation, evaluator = -1, None
+        traj = _Trajectory(self.settings.threshold)
+        frame = 0
+        bead = k
+        have_data = False
+        answer = None
+        initialized = False
+        try:
+            while not self.stop.is_set():
+                msg = conn.recv_header()
+                if msg == "STATUS":
+                    conn.send_header("HAVEDATA" if have_data else ("READY" if initialized else "NEEDINIT"))
+                elif msg == "INIT":
+                    bead, _ = conn.recv_init()
+                    initialized = True
+                elif msg == "POSDATA":
+                    cell, pos = conn.recv_posdata()
+                    gen, model = self.holder.poll()
+                    if gen != generation:  # hot reload happens here, between two frames
+                        if evaluator is not None:
+                            log.info("connection %d: frame %d evaluated with model version %s", k, frame,
+                                     model.version)
+                        generation, evaluator = gen, Evaluator(model)
+                    answer = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj)
+                    have_data = True
+                    initialized = True
+                elif msg == "GETFORCE":
+                    if not have_data:
+                        raise ProtocolError("GETFORCE before POSDATA")
+                    conn.send_force(*answer)
+                    have_data = False
+                    frame += 1
+                elif msg == "EXIT":
+                    outcome = "exit"
+                    log.info("connection %d: EXIT after %d frames", k, frame)
+                    break
+                else:
+                    raise ProtocolError(f"unknown message {msg!r}")
+        except EngineClosed:
+            outcome = "exit"
+            log.info("connection %d: the engine closed the connection after %d frames", k, frame)
+        except (ProtocolError, MappingError, ValueError) as exc:
+            log.error("connection %d, frame %d: %s; closing this connection", k, frame, exc)
+            outcome = "error"
+        except (socket.timeout, TimeoutError):
+            log.error("connection %d, frame %d: no message from the engine for %.0f s; closing", k, frame,
+                      self.settings.socket_timeout)
+            outcome = "error"
+        except OSError as exc:
+            log.error("connection %d, frame %d: socket error %s; closing", k, frame, exc)
+            outcome = "error"
+        finally:
+            last = traj.finish()
+            if last is not None and self.queue is not None:
+                self.queue.put(last)
+            conn.close()
+            self.results.append(outcome)
+
+    def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj):
+        ref = model.reference
+        # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
+        # then cached), and take the species of their sites
+        res = evaluator.evaluate(cell, pos, None, errors=True)
+        numbers = np.empty(len(pos), dtype=int)
+        numbers[res.frame.order] = np.tile(ref.numbers, len(pos) // ref.natoms)
+        ncell = len(pos) // ref.natoms
+        reasons = []
+        if not (np.isfinite(res.energy) and np.all(np.isfinite(res.forces))):
+            reasons.append("non-finite energy or forces")
+        if res.frame.max_displacement > self.settings.max_displacement:
+            reasons.append(f"atom {res.frame.max_displacement:.2f} A from its site")
+        if (res.energy - ncell * ref.energy) / ncell < self.settings.energy_floor:
+            reasons.append(f"energy {(res.energy - ncell * ref.energy) / ncell:.3f} eV/cell below the reference")
+        errors = res.errors or {}
+        extra = {"model": model.name, "model_version": model.version, "frame": frame, "bead": bead}
+        if errors:
+            extra["bayesian_error"] = errors
+            extra.update({f"sp_err_{key}": v for key, v in errors.items()})
+        record = {"cell": cell, "positions": pos, "numbers": numbers, "frame": frame, "bead": bead,
+                  "connection": k, "model_version": model.version, "errors": errors,
+                  "energy_ev": float(res.energy)}
+        if self.queue is not None:
+            if reasons:
+                self.queue.put(dict(record, reason="untrusted: " + "; ".join(reasons)))
+                traj.push(-np.inf, record)
+            elif self.settings.threshold is not None and errors:
+                value = errors[self.settings.threshold.quantity]
+                flagged = traj.push(value, dict(record, reason=f"local maximum of {self.settings.threshold}"))
+                if flagged is not None:
+                    self.queue.put(flagged)
+        if reasons:
+            log.warning("connection %d, frame %d: %s", k, frame, "; ".join(reasons))
+        stress = matrix_from_voigt_stress(res.stress)
+        return res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)
+
+
+def matrix_from_voigt_stress(s):
+    """ASE Voigt stress (xx yy zz yz xz xy) -> symmetric 3x3."""
+    s = np.asarray(s)
+    return np.array([[s[0], s[5], s[4]], [s[5], s[1], s[3]], [s[4], s[3], s[2]]])
+

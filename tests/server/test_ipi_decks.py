@@ -1,0 +1,71 @@
+"""The shipped i-PI decks, run short with the real i-PI (PyPI ipi) against `sp-server serve`."""
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+IPI = shutil.which("i-pi") or str(Path(sys.executable).parent / "i-pi")
+MODEL = ROOT / "models" / "toy_perovskite.h5"
+
+
+def run_deck(deck, tmp_path, steps, connections=1):
+    if not Path(IPI).exists():
+        pytest.fail("i-pi not found: `make test` installs it (pip install ipi)")
+    work = tmp_path / deck
+    shutil.copytree(ROOT / "ipi_inputs" / deck, work)
+    name = f"spt{uuid.uuid4().hex[:8]}"
+    text = (work / "input.xml").read_text()
+    text = re.sub(r"<address>[^<]*</address>", f"<address>{name}</address>", text)
+    text = re.sub(r"<total_steps>\d+</total_steps>", f"<total_steps>{steps}</total_steps>", text, count=1)
+    text = re.sub(r"(<t_ramp>.*?<total_steps>)\d+", rf"\g<1>{steps}", text, flags=re.S)
+    (work / "input.xml").write_text(text)
+    ipi = subprocess.Popen([IPI, "input.xml"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        srv = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "serve", str(MODEL), "--address", name,
+                              "--unix", "--connections", str(connections), "--wait", "60"],
+                             capture_output=True, text=True, timeout=600)
+        out, _ = ipi.communicate(timeout=120)
+    finally:
+        ipi.kill()
+    assert srv.returncode == 0, srv.stdout + srv.stderr
+    assert "I-PI reports success" in out, out[-3000:]
+    prefix = re.search(r"<output prefix='(\w+)'>", text).group(1)
+    return np.loadtxt(work / f"{prefix}.out"), srv.stderr
+
+
+def test_nvt(tmp_path):
+    data, log = run_deck("nvt", tmp_path, 30)
+    assert data[-1, 0] == 30 and np.all(np.isfinite(data))
+
+
+def test_npt_flexible_cell_moves_the_cell(tmp_path):
+    data, _ = run_deck("npt", tmp_path, 60)
+    volume = data[:, 5]
+    assert np.all(np.isfinite(data)) and np.ptp(volume) > 1e-3
+
+
+def test_pimd_beads_in_parallel_connections(tmp_path):
+    data, log = run_deck("pimd", tmp_path, 20, connections=4)
+    assert data[-1, 0] == 20
+    assert log.count("connected to") == 4
+
+
+def test_temperature_ramp(tmp_path):
+    data, _ = run_deck("ramp", tmp_path, 100)
+    assert data[-1, 4] > data[0, 4] + 100  # the thermostat's target temperature went up
+
+
+def test_nve_conserves_energy(tmp_path):
+    data, _ = run_deck("nve", tmp_path, 400)
+    t_ps, conserved = data[:, 1], data[:, 2]
+    natoms = 40
+    drift = np.polyfit(t_ps, conserved, 1)[0] / natoms  # eV per atom per ps
+    fluct = np.std(conserved) / natoms
+    print(f"NVE: drift {drift:.2e} eV/atom/ps, fluctuation {fluct:.2e} eV/atom over {t_ps[-1]:.3f} ps")
+    assert abs(drift) < 1e-4 and fluct < 1e-4
