@@ -121,6 +121,7 @@ class ForceServer:
         self.queue = FlagQueue(queue) if queue else None
         self.stop = threading.Event()
         self.results: list = []
+        self._open: set = set()  # connections to shut down on stop (their threads wait in recv)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def _connect(self, k: int) -> Optional[Connection]:
@@ -154,11 +155,15 @@ class ForceServer:
             while any(t.is_alive() for t in threads):
                 for t in threads:
                     t.join(timeout=0.2)
+                if self.stop.is_set():
+                    for conn in list(self._open):
+                        conn.shutdown()
         finally:
             self.stop.set()
             if self.queue is not None:
                 self.queue.close()
-        return 0 if self.results and all(r == "exit" for r in self.results) else 1
+        ok = ("exit", "stopped")
+        return 0 if self.results and all(r in ok for r in self.results) else 1
 
     # ------------------------------------------------------------------------------------------------ one client
     def _run_connection(self, k: int):
@@ -166,6 +171,7 @@ class ForceServer:
         if conn is None:
             self.results.append("no engine")
             return
+        self._open.add(conn)
         outcome = "closed"
         generation, evaluator = -1, None
         traj = _Trajectory(self.settings.threshold)
@@ -223,6 +229,9 @@ class ForceServer:
             if last is not None and self.queue is not None:
                 self.queue.put(last)
             conn.close()
+            self._open.discard(conn)
+            if self.stop.is_set() and outcome != "exit":
+                outcome = "stopped"
             self.results.append(outcome)
 
     def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj):

@@ -49,6 +49,13 @@ class Connection:
         except OSError:
             pass
 
+    def shutdown(self):
+        """Unblock a thread waiting in recv (used on SIGTERM)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:

@@ -1,5 +1,6 @@
 """`sp-server serve` against real engines: ASE's SocketIOCalculator (an i-PI protocol server)."""
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -46,3 +47,155 @@ def test_socket_forces_equal_direct_evaluation(tmp_path, toy, name):
         proc.kill()
     assert proc.returncode == 0, out
     assert "closed the connection after 3 frames" in out
+
+
+# ------------------------------------------------------------------------------------------ with a fake engine
+from tests.server.engine import FakeEngine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, toy):
+    from sp_server.fit.fit import fit_model
+    from sp_server.model import AnharmonicPart, Model
+    from tests.fit.test_bayes import noisy_data
+    base = Model(toy.reference, toy.harmonic, AnharmonicPart(), name="toy-harmonic")
+    model, _ = fit_model(noisy_data(toy, 10, seed=11), base, toy.anharmonic.coefficients, progress=False,
+                         log=lambda *a: None)
+    return model
+
+
+def trajectory(toy, amplitudes, seed=5):
+    rng = np.random.default_rng(seed)
+    base = toy.supercell((2, 2, 2))
+    pattern = rng.normal(size=base.positions.shape)
+    frames = []
+    for a in amplitudes:
+        at = base.copy()
+        at.positions = base.positions + a * pattern
+        frames.append(at)
+    return frames
+
+
+def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name):
+    from sp_server.potential import Evaluator
+    path = save_model(fitted, tmp_path / "fit.h5")
+    amps = [0.02, 0.05, 0.08, 0.05, 0.03, 0.06, 0.04, 0.02]
+    frames = trajectory(toy, amps)
+    ev = Evaluator(fitted)
+    errs = [ev.evaluate(a.cell.array, a.positions, a.numbers, errors=True).errors["force_max"] for a in frames]
+    thr = 0.5 * (errs[2] + errs[1])  # frame 2 is a maximum above it; frame 5 only if above too
+    expected = [k for k in range(len(errs)) if errs[k] > thr and errs[k] >= (errs[k - 1] if k else -1)
+                and (k == len(errs) - 1 or errs[k] >= errs[k + 1])]
+    far = frames[0].copy()
+    far.positions[3] += [1.6, 0.0, 0.0]  # an atom leaves its site: untrusted
+    engine = FakeEngine(name)
+    queue = tmp_path / "flags.db"
+    proc = serve(path, name, "--queue", queue, "--threshold", f"force_max={thr}")
+    try:
+        drv = engine.accept()
+        extras = [drv.frame(a)[3] for a in frames]
+        drv.frame(far)
+        drv.exit()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        engine.close()
+    assert proc.returncode == 0, out
+    assert [x["frame"] for x in extras] == list(range(len(frames)))
+    assert extras[2]["bayesian_error"]["force_max"] == pytest.approx(errs[2], rel=1e-9)
+    with ase.db.connect(queue) as db:
+        rows = list(db.select())
+    flagged = sorted(r.frame for r in rows if r.reason.startswith("local maximum"))
+    untrusted = [r for r in rows if r.reason.startswith("untrusted")]
+    assert flagged == expected and 2 in flagged
+    assert len(untrusted) == 1 and untrusted[0].frame == len(frames) and "from its site" in untrusted[0].reason
+    assert all(r.state == "pending" and r.model_version == fitted.version for r in rows)
+    assert untrusted[0].toatoms().positions[3, 0] == pytest.approx(far.positions[3, 0])
+
+
+def test_hot_reload_between_frames(tmp_path, toy, name):
+    from sp_server.model import AnharmonicPart, Model
+    path = save_model(toy, tmp_path / "m.h5")
+    frames = trajectory(toy, [0.05] * 6)
+    engine = FakeEngine(name)
+    proc = serve(path, name)
+    try:
+        drv = engine.accept()
+        first = [drv.frame(a) for a in frames[:2]]
+        newer = Model(toy.reference, toy.harmonic, AnharmonicPart(toy.anharmonic.coefficients,
+                                                                  2 * toy.anharmonic.values),
+                      name=toy.name, version=toy.version + 1)
+        save_model(newer, path)  # atomic replace
+        time.sleep(1.2)  # the server looks at the file at most once a second
+        later = [drv.frame(a) for a in frames[2:]]
+        drv.exit()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        engine.close()
+    assert "hot reload" in out and f"version {toy.version} -> {toy.version + 1}" in out
+    assert first[0][3]["model_version"] == toy.version and later[-1][3]["model_version"] == toy.version + 1
+    direct = SecondPrinciplesCalculator(newer)
+    a = frames[-1].copy()
+    a.calc = direct
+    assert later[-1][0] == pytest.approx(a.get_potential_energy(), rel=1e-12)
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("header", "unknown message 'GARBAGE!'"),
+    ("natoms", "is not a multiple of the reference cell"),
+    ("nan", "positions must be a finite"),
+    ("truncated", "connection closed by the engine after"),
+])
+def test_bad_input_closes_only_that_connection(tmp_path, toy, name, breakage, message):
+    path = save_model(toy, tmp_path / "m.h5")
+    frames = trajectory(toy, [0.05, 0.05])
+    engine = FakeEngine(name)
+    proc = serve(path, name, "--connections", "2")
+    try:
+        bad, good = engine.accept(), engine.accept()
+        bad.status()
+        bad.init()
+        if breakage == "header":
+            bad.header("GARBAGE!")
+        elif breakage == "natoms":
+            a = frames[0]
+            bad.posdata(a.cell.array, a.positions[:37])
+        elif breakage == "nan":
+            p = frames[0].positions.copy()
+            p[5, 1] = np.nan
+            bad.posdata(frames[0].cell.array, p)
+        else:
+            bad.header("POSDATA")
+            bad.sock.sendall(b"\x00" * 20)
+            bad.sock.shutdown(socket.SHUT_WR)
+        e, f, _, _ = good.frame(frames[1])  # the other connection is still served
+        good.exit()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        engine.close()
+    assert np.isfinite(e) and np.abs(f).max() > 0
+    assert message in out, out
+    assert "closing this connection" in out and proc.returncode == 1
+
+
+def test_sigterm_flushes_the_queue(tmp_path, fitted, toy, name):
+    import signal
+    path = save_model(fitted, tmp_path / "fit.h5")
+    far = toy.supercell((2, 2, 2))
+    far.positions[0] += [1.5, 0, 0]
+    engine = FakeEngine(name)
+    queue = tmp_path / "q.db"
+    proc = serve(path, name, "--queue", queue)
+    try:
+        drv = engine.accept()
+        drv.frame(far)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        engine.close()
+    assert "stopping, flushing the queue" in out
+    with ase.db.connect(queue) as db:
+        assert db.count() == 1
