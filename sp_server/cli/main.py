@@ -146,6 +146,19 @@ def _cmd_serve(args):
     return server.serve_forever()
 
 
+def _cmd_lammps(args):
+    import logging
+
+    from ..model.posterior import ErrorThreshold
+    from ..server.lammps_bridge import LammpsBridge
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    bridge = LammpsBridge(args.model, queue=args.queue,
+                          threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None)
+    rc = bridge.run(args.deck, dict(args.var or []), log_file=args.log)
+    print(f"LAMMPS deck {args.deck} finished: {bridge.frames} force evaluations; log in {args.log}")
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sp-server", description="Second-principles lattice models: evaluate, serve, fit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--wait", type=float, default=600.0, help="seconds to retry until the engine is up")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
     sv.set_defaults(func=_cmd_serve)
+
+    lm = sub.add_parser("lammps", help="run a LAMMPS deck whose fix external pf/callback is the model")
+    lm.add_argument("deck", metavar="DECK")
+    lm.add_argument("--model", required=True, metavar="MODEL")
+    lm.add_argument("--var", nargs=2, action="append", metavar=("NAME", "VALUE"), help="LAMMPS -var NAME VALUE")
+    lm.add_argument("--queue", metavar="DB", help="ase.db file or PostgreSQL URL for flagged frames")
+    lm.add_argument("--threshold", metavar="QUANTITY=VALUE", help="flagging threshold (default force_max=0.1)")
+    lm.add_argument("--log", default="log.lammps", help="LAMMPS log file (relative to the deck's folder)")
+    lm.set_defaults(func=_cmd_lammps)
 
     i = sub.add_parser("info", help="print a model's summary and its anharmonic terms")
     i.add_argument("model", metavar="MODEL")
