@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="i-PI protocol force server (connects to the engine as a driver)")
     sv.add_argument("model", metavar="MODEL")
-    sv.add_argument("--address", required=True, help="host name, or with --unix the name of /tmp/ipi_ADDRESS")
+    sv.add_argument("--address", required=True, action="append",
+                    help="host name, or with --unix the name of /tmp/ipi_ADDRESS; repeat it to serve several "
+                         "engines (e.g. two i-PI instances) from one process")
     sv.add_argument("--port", type=int, help="TCP port (INET sockets)")
     sv.add_argument("--unix", action="store_true", help="UNIX socket /tmp/ipi_ADDRESS")
     sv.add_argument("--connections", type=int, default=1, help="parallel connections (e.g. one per PIMD bead)")

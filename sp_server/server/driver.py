@@ -110,10 +110,12 @@ class _Trajectory:
 
 
 class ForceServer:
-    def __init__(self, model_path, address: str, port: Optional[int] = None, unix: bool = False,
+    def __init__(self, model_path, address, port: Optional[int] = None, unix: bool = False,
                  connections: int = 1, queue: Optional[str] = None, settings: ServeSettings = ServeSettings()):
         self.holder = ModelHolder(model_path, settings.reload_interval)
-        self.address, self.port, self.unix = address, port, unix
+        # one or several engines (e.g. two i-PI instances): each address gets `connections` connections
+        self.addresses = [address] if isinstance(address, str) else list(address)
+        self.port, self.unix = port, unix
         self.n_connections = connections
         self.settings = settings
         if settings.threshold is None and self.holder.model.posterior is not None:
@@ -126,10 +128,11 @@ class ForceServer:
     # ------------------------------------------------------------------------------------------------ lifecycle
     def _connect(self, k: int) -> Optional[Connection]:
         deadline = time.monotonic() + self.settings.wait
-        where = f"/tmp/ipi_{self.address}" if self.unix else f"{self.address}:{self.port}"
+        address = self.addresses[k // self.n_connections]
+        where = f"/tmp/ipi_{address}" if self.unix else f"{address}:{self.port}"
         while not self.stop.is_set():
             try:
-                conn = connect(self.address, self.port, self.unix, self.settings.socket_timeout)
+                conn = connect(address, self.port, self.unix, self.settings.socket_timeout)
                 log.info("connection %d: connected to %s", k, where)
                 return conn
             except (ConnectionRefusedError, FileNotFoundError, socket.timeout, OSError) as exc:
@@ -148,7 +151,7 @@ class ForceServer:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_term)
         threads = [threading.Thread(target=self._run_connection, args=(k,), daemon=True)
-                   for k in range(self.n_connections)]
+                   for k in range(self.n_connections * len(self.addresses))]
         for t in threads:
             t.start()
         try:
@@ -180,6 +183,8 @@ class ForceServer:
         have_data = False
         answer = None
         initialized = False
+        t_eval = 0.0  # seconds spent evaluating, and between the first and last POSDATA (the engine's step time)
+        t_first = t_last = None
         try:
             while not self.stop.is_set():
                 msg = conn.recv_header()
@@ -190,6 +195,9 @@ class ForceServer:
                     initialized = True
                 elif msg == "POSDATA":
                     cell, pos = conn.recv_posdata()
+                    t0 = time.perf_counter()
+                    t_first = t0 if t_first is None else t_first
+                    t_last = t0
                     gen, model = self.holder.poll()
                     if gen != generation:  # hot reload happens here, between two frames
                         if evaluator is not None:
@@ -197,6 +205,8 @@ class ForceServer:
                                      model.version)
                         generation, evaluator = gen, Evaluator(model)
                     answer = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj)
+                    if frame > 0:  # the first frame includes set-up (Ewald sums, compilation)
+                        t_eval += time.perf_counter() - t0
                     have_data = True
                     initialized = True
                 elif msg == "GETFORCE":
@@ -225,6 +235,11 @@ class ForceServer:
             log.error("connection %d, frame %d: socket error %s; closing", k, frame, exc)
             outcome = "error"
         finally:
+            if frame > 2 and t_first is not None and t_last > t_first:
+                step = (t_last - t_first) / (frame - 1)
+                ev = t_eval / (frame - 1)
+                log.info("connection %d: timing: %.3f ms per MD step, %.3f ms evaluating (%.0f%%), engine + socket "
+                         "%.0f%%", k, 1e3 * step, 1e3 * ev, 100 * ev / step, 100 * (1 - ev / step))
             last = traj.finish()
             if last is not None and self.queue is not None:
                 self.queue.put(last)

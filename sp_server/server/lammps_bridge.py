@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +75,7 @@ class LammpsBridge:
         self.lmp = None
         self.fix_id = None
         self.frames = 0
+        self.t_eval = 0.0
 
     def _box(self):
         boxlo, boxhi, xy, yz, xz, _, _ = self.lmp.extract_box()
@@ -93,6 +95,7 @@ class LammpsBridge:
         return np.array([z[t] for t in types])[tags_order]
 
     def callback(self, caller, ntimestep, nlocal, tag, x, f):
+        t0 = time.perf_counter()
         order = np.argsort(tag)
         if self.numbers is None:
             self.numbers = self._species(order)
@@ -108,6 +111,8 @@ class LammpsBridge:
         self.lmp.fix_external_set_virial_global(self.fix_id, list(-vol * sigma[[0, 1, 2, 5, 4, 3]]))
         if self.queue is not None:
             self._flag(ntimestep, cell, pos, res)
+        if self.frames > 0:  # the first call includes set-up
+            self.t_eval += time.perf_counter() - t0
         self.frames += 1
 
     def _flag(self, step, cell, pos, res):
@@ -149,5 +154,6 @@ class LammpsBridge:
             if self.queue is not None:
                 self.queue.close()
             self.lmp.close()
-        log.info("LAMMPS deck %s done: %d force evaluations", deck, self.frames)
+        log.info("LAMMPS deck %s done: %d force evaluations, %.3f ms each (after the first)", deck, self.frames,
+                 1e3 * self.t_eval / max(self.frames - 1, 1))
         return 0

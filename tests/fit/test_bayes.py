@@ -4,7 +4,7 @@ import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from sp_server import SecondPrinciplesCalculator
-from sp_server.fit.bayes import SufficientStats, evidence_fit, forward_selection
+from sp_server.fit.bayes import SufficientStats, evidence_fit
 from sp_server.fit.fit import QuantityScales, TrainingSet, fit_model
 from sp_server.model import AnharmonicPart, Model
 from sp_server.model.symmetry import space_group_operations, symmetrize

@@ -199,3 +199,55 @@ def test_sigterm_flushes_the_queue(tmp_path, fitted, toy, name):
     assert "stopping, flushing the queue" in out
     with ase.db.connect(queue) as db:
         assert db.count() == 1
+
+
+def test_one_process_serves_two_engines(tmp_path, toy):
+    """Two engines (say two i-PI instances), each with its own connection, one server process and model."""
+    path = save_model(toy, tmp_path / "m.h5")
+    names = [f"spt{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    engines = [FakeEngine(n) for n in names]
+    proc = serve(path, names[0], "--address", names[1])
+    try:
+        drivers = [e.accept() for e in engines]
+        frames = trajectory(toy, [0.03, 0.06])
+        results = [d.frame(a) for d, a in zip(drivers, frames)]
+        for d in drivers:
+            d.exit()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        for e in engines:
+            e.close()
+    assert proc.returncode == 0, out
+    direct = SecondPrinciplesCalculator(toy)
+    for (e, _, _, _), a in zip(results, frames):
+        b = a.copy()
+        b.calc = direct
+        assert e == pytest.approx(b.get_potential_energy(), rel=1e-12)
+    assert out.count("EXIT after 1 frames") == 2
+
+
+@pytest.mark.skipif(not os.environ.get("SP_SERVER_TEST_POSTGRES"),
+                    reason="set SP_SERVER_TEST_POSTGRES to a PostgreSQL URL (make test does, via tools/ci_postgres.sh)")
+def test_queue_in_postgresql(tmp_path, toy, name):
+    """The same server code writes the flag queue to a PostgreSQL database given by URL."""
+    url = os.environ["SP_SERVER_TEST_POSTGRES"]
+    with ase.db.connect(url) as db:
+        db.delete([row.id for row in db.select()])
+    path = save_model(toy, tmp_path / "m.h5")
+    far = toy.supercell((2, 2, 2))
+    far.positions[7] += [0, 1.4, 0]
+    engine = FakeEngine(name)
+    proc = serve(path, name, "--queue", url)
+    try:
+        drv = engine.accept()
+        drv.frame(far)
+        drv.exit()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        engine.close()
+    assert proc.returncode == 0, out
+    with ase.db.connect(url) as db:
+        rows = list(db.select(state="pending"))
+    assert len(rows) == 1 and rows[0].reason.startswith("untrusted") and len(rows[0].toatoms()) == 40
