@@ -25,7 +25,7 @@ demo: setup
 
 # 2) test dependencies + the whole test suite (slow tests included; see README)
 test: setup-test
-	$(BIN)/python -m pytest -ra tests
+	SP_SERVER_TEST_POSTGRES=$$(bash tools/ci_postgres.sh) $(BIN)/python -m pytest -ra tests
 
 # the suite without the tests marked slow
 test-fast: setup-test
