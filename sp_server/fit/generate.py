@@ -124,6 +124,19 @@ def _strain_key(strains):
 
 
 # ------------------------------------------------------------------------------------------------------ the tables
+def _signed_image(table, items):
+    """Map ((index, power), ...) through table[index] = (new index, +-1); the sign is the product of the signs of
+    the odd powers.  Returns (mapped items, sign)."""
+    s = 1
+    out = []
+    for k, p in items:
+        k2, sk = table[k]
+        if sk < 0 and p & 1:
+            s = -s
+        out.append((k2, p))
+    return out, s
+
+
 class _Tables:
     """Stars of bonds around every atom and the action of every space-group operation on them."""
 
@@ -210,13 +223,7 @@ class _Tables:
     def image(self, g, c, mono):
         """Image of a star monomial under op g: (c', mono', sign)."""
         c2, table = self.act[g][c]
-        s = 1
-        out = []
-        for k, p in mono:
-            k2, sk = table[k]
-            if sk < 0 and p & 1:
-                s = -s
-            out.append((k2, p))
+        out, s = _signed_image(table, mono)
         return c2, out, s
 
     def strain_image(self, g, skey):
@@ -224,14 +231,7 @@ class _Tables:
         ck = (g, skey)
         hit = self._strain_cache.get(ck)
         if hit is None:
-            sa = self.strain_act[g]
-            s = 1
-            out = []
-            for v, q in skey:
-                v2, sv = sa[v]
-                if sv < 0 and q & 1:
-                    s = -s
-                out.append((v2, q))
+            out, s = _signed_image(self.strain_act[g], skey)
             hit = (_strain_key(out), s)
             self._strain_cache[ck] = hit
         return hit

@@ -53,6 +53,21 @@ def test_socket_forces_equal_direct_evaluation(tmp_path, toy, name):
 from tests.server.engine import FakeEngine  # noqa: E402
 
 
+def serve_frames(model_path, name, frames, *serve_args):
+    """Serve one fake engine that sends ``frames`` then EXIT; returns (per-frame results, server log, exit code)."""
+    engine = FakeEngine(name)
+    proc = serve(model_path, name, *serve_args)
+    try:
+        drv = engine.accept()
+        results = [drv.frame(a) for a in frames]
+        drv.exit()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        engine.close()
+    return results, out, proc.returncode
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, toy):
     from sp_server.fit.fit import fit_model
@@ -88,19 +103,10 @@ def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name)
                 and (k == len(errs) - 1 or errs[k] >= errs[k + 1])]
     far = frames[0].copy()
     far.positions[3] += [1.6, 0.0, 0.0]  # an atom leaves its site: untrusted
-    engine = FakeEngine(name)
     queue = tmp_path / "flags.db"
-    proc = serve(path, name, "--queue", queue, "--threshold", f"force_max={thr}")
-    try:
-        drv = engine.accept()
-        extras = [drv.frame(a)[3] for a in frames]
-        drv.frame(far)
-        drv.exit()
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        engine.close()
-    assert proc.returncode == 0, out
+    results, out, rc = serve_frames(path, name, frames + [far], "--queue", queue, "--threshold", f"force_max={thr}")
+    extras = [r[3] for r in results[:-1]]
+    assert rc == 0, out
     assert [x["frame"] for x in extras] == list(range(len(frames)))
     assert extras[2]["bayesian_error"]["force_max"] == pytest.approx(errs[2], rel=1e-9)
     with ase.db.connect(queue) as db:
@@ -237,17 +243,8 @@ def test_queue_in_postgresql(tmp_path, toy, name):
     path = save_model(toy, tmp_path / "m.h5")
     far = toy.supercell((2, 2, 2))
     far.positions[7] += [0, 1.4, 0]
-    engine = FakeEngine(name)
-    proc = serve(path, name, "--queue", url)
-    try:
-        drv = engine.accept()
-        drv.frame(far)
-        drv.exit()
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        engine.close()
-    assert proc.returncode == 0, out
+    _, out, rc = serve_frames(path, name, [far], "--queue", url)
+    assert rc == 0, out
     with ase.db.connect(url) as db:
         rows = list(db.select(state="pending"))
     assert len(rows) == 1 and rows[0].reason.startswith("untrusted") and len(rows[0].toatoms()) == 40
