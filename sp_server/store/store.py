@@ -1,0 +1,129 @@
+"""ase.db-backed store of frames with atomic claims and leases (see the package docstring)."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from pathlib import Path
+from typing import Optional
+
+import ase.db
+import numpy as np
+from ase.calculators.singlepoint import SinglePointCalculator
+
+STATES = ("pending", "claimed", "labeled", "failed", "excluded")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    """Frames to label and labelled frames.  ``url``: a SQLite file path or a postgresql:// URL."""
+
+    def __init__(self, url, *, max_attempts: int = 3):
+        self.url = str(url)
+        self.max_attempts = int(max_attempts)
+        self.is_postgres = self.url.startswith("postgresql://")
+        with ase.db.connect(self.url):
+            pass
+
+    # ------------------------------------------------------------------------------------------------ locking
+    @contextlib.contextmanager
+    def _locked(self):
+        if self.is_postgres:
+            import psycopg2
+            conn = psycopg2.connect(self.url)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_lock(727271)")
+                yield
+            finally:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(727271)")
+                conn.close()
+        else:
+            lock = Path(self.url).with_name(Path(self.url).name + ".sp_claims.lock")  # not ase.db's own .lock
+            with open(lock, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def add(self, atoms, *, state: str = "pending", **meta) -> int:
+        """Add a frame (pending by default; 'labeled' when ``atoms`` carries energy/forces/stress)."""
+        if state not in STATES:
+            raise StoreError(f"unknown state {state!r}")
+        with ase.db.connect(self.url) as db:
+            return db.write(atoms, state=state, attempts=0, **meta)
+
+    def claim(self, owner: str, *, n: int = 1, lease_seconds: float = 600.0) -> list:
+        """Atomically claim up to n frames (pending, or claimed with an expired lease); returns [(id, Atoms)]."""
+        now = time.time()
+        out = []
+        with self._locked():
+            with ase.db.connect(self.url) as db:
+                candidates = [r for r in db.select("state=pending", sort="id", limit=n)]
+                if len(candidates) < n:
+                    expired = [r for r in db.select("state=claimed", sort="id")
+                               if r.get("lease_until", 0.0) < now][: n - len(candidates)]
+                    candidates += expired
+                for row in candidates:
+                    attempts = int(row.get("attempts", 0)) + 1
+                    db.update(row.id, state="claimed", owner=owner, lease_until=now + lease_seconds,
+                              attempts=attempts)
+                    out.append((row.id, row.toatoms()))
+        return out
+
+    def _own(self, db, frame_id: int, owner: str):
+        row = db.get(id=frame_id)
+        if row.get("state") != "claimed" or row.get("owner") != owner:
+            return None
+        return row
+
+    def complete(self, frame_id: int, owner: str, energy: float, forces, stress, **meta) -> bool:
+        """Store the label of a claimed frame; False (nothing written) when the claim is no longer ours."""
+        forces = np.asarray(forces, dtype=float)
+        stress = np.asarray(stress, dtype=float)
+        with self._locked():
+            with ase.db.connect(self.url) as db:
+                row = self._own(db, frame_id, owner)
+                if row is None:
+                    return False
+                atoms = row.toatoms()
+                atoms.calc = SinglePointCalculator(atoms, energy=float(energy), forces=forces, stress=stress)
+                db.update(frame_id, atoms=atoms, state="labeled", labeled_at=time.time(), **meta)
+        return True
+
+    def fail(self, frame_id: int, owner: str, reason: str) -> Optional[str]:
+        """A failed label: back to pending until max_attempts, then 'failed'.  Returns the new state (None if
+        the claim was not ours)."""
+        with self._locked():
+            with ase.db.connect(self.url) as db:
+                row = self._own(db, frame_id, owner)
+                if row is None:
+                    return None
+                state = "failed" if int(row.get("attempts", 0)) >= self.max_attempts else "pending"
+                db.update(frame_id, state=state, last_error=str(reason)[:500], owner="")
+                return state
+
+    def exclude(self, frame_id: int, reason: str):
+        """Take a frame out for good (later runs respect it)."""
+        with self._locked():
+            with ase.db.connect(self.url) as db:
+                db.update(frame_id, state="excluded", excluded_reason=str(reason)[:500])
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def counts(self) -> dict:
+        with ase.db.connect(self.url) as db:
+            return {s: db.count(state=s) for s in STATES}
+
+    def labeled(self):
+        """Yield (label, Atoms with results) of every labelled frame."""
+        with ase.db.connect(self.url) as db:
+            for row in db.select(state="labeled", sort="id"):
+                yield f"{self.url}: id={row.id}", row.toatoms()
+
+
