@@ -14,7 +14,7 @@ import numpy as np
 from .kernels import anharmonic as _anh
 from .kernels.ewald import dipole_dipole_kgrid
 from .kernels.harmonic import HarmonicOperator, fold_ifc_kgrid
-from .model.mapping import Frame, FrameMapper, matrix_from_voigt, stress_voigt
+from .model.mapping import Frame, FrameMapper, matrix_from_voigt, stress_voigt, symmetric_from_voigt
 from .model.model import Model
 
 #: supercells with at least this many cells are evaluated with Numba threads
@@ -148,10 +148,7 @@ def strain_derivative(frame: Frame, grad_u: np.ndarray, grad_eta: np.ndarray) ->
     model (unrotated) frame.  Derivation: docs/theory.md, "stress".  Works on stacks (leading axes) too."""
     U = frame.stretch
     g = grad_u.reshape(grad_u.shape[:-5] + (-1, 3))
-    G = np.zeros(grad_eta.shape[:-1] + (3, 3))
-    for v, (i, j) in enumerate(((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))):
-        G[..., i, j] = grad_eta[..., v]
-        G[..., j, i] = grad_eta[..., v]
+    G = symmetric_from_voigt(grad_eta)  # G_23 = dE/d eta_4 (engineering shear)
     # with x' = (1 + eps) x and the stretch U -> U + dU (U dU + dU U = 2 U eps U), u changes by dU U^-1 u,
     # so dE = dU : H with H = G + sum_i g_i (x) U^-1 u_i, and dE/d eps = 2 U L(sym H) U (L: Sylvester inverse)
     H = G + np.einsum("...ia,ib->...ab", g, frame.u.reshape(-1, 3) @ np.linalg.inv(U))

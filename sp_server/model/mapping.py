@@ -40,6 +40,16 @@ def stress_voigt(sigma: np.ndarray) -> np.ndarray:
     return np.asarray(sigma)[..., _VI, _VJ]
 
 
+def symmetric_from_voigt(v: np.ndarray) -> np.ndarray:
+    """Voigt (xx, yy, zz, yz, xz, xy) -> symmetric 3x3 with the same entries (stress, or dE/d eta), no halving;
+    the inverse of stress_voigt.  Works on stacks (..., 6)."""
+    v = np.asarray(v, dtype=float)
+    m = np.empty(v.shape[:-1] + (3, 3))
+    m[..., _VI, _VJ] = v
+    m[..., _VJ, _VI] = v
+    return m
+
+
 @dataclass
 class Frame:
     """One configuration in the model frame.

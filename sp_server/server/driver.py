@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..model.mapping import MappingError
+from ..model.mapping import MappingError, symmetric_from_voigt
 from ..model.native import ModelFileError, load_model
 from ..model.posterior import ErrorThreshold
 from ..potential import Evaluator
@@ -283,12 +283,6 @@ class ForceServer:
                     self.queue.put(flagged)
         if reasons:
             log.warning("connection %d, frame %d: %s", k, frame, "; ".join(reasons))
-        stress = matrix_from_voigt_stress(res.stress)
+        stress = symmetric_from_voigt(res.stress)
         return res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)
-
-
-def matrix_from_voigt_stress(s):
-    """ASE Voigt stress (xx yy zz yz xz xy) -> symmetric 3x3."""
-    s = np.asarray(s)
-    return np.array([[s[0], s[5], s[4]], [s[5], s[1], s[3]], [s[4], s[3], s[2]]])
 

@@ -24,7 +24,7 @@ import pytest
 from sp_server.io.multibinit import export_multibinit, import_multibinit, read_hist
 from sp_server.kernels.ewald import dipole_dipole_kgrid
 from sp_server.kernels.harmonic import HarmonicOperator, fold_ifc_kgrid
-from sp_server.model.mapping import stress_voigt
+from sp_server.model.mapping import stress_voigt, symmetric_from_voigt
 from sp_server.potential import Evaluator
 from sp_server.units import BOHR_A, HARTREE_EV
 
@@ -118,9 +118,7 @@ def compare(runs, models, run, kind, npt):
             pot.harmonic_operator = sym_op
         worst["forces_raw"] = max(worst["forces_raw"], np.abs(raw.forces - f_mb).max() / fscale)
         # multibinit's stress formula from our gradients: (dE/deta + sym sum g (x) u) / V_current
-        G = np.zeros((3, 3))
-        for v, (i, j) in enumerate(((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))):
-            G[i, j] = G[j, i] = evm.grad_eta[v]
+        G = symmetric_from_voigt(evm.grad_eta)
         vir = evm.grad_u.reshape(-1, 3).T @ fr.u.reshape(-1, 3)
         full = fr.rotation @ (G + 0.5 * (vir + vir.T)) @ fr.rotation.T / fr.volume
         partial = fr.rotation @ G @ fr.rotation.T / fr.volume
