@@ -9,8 +9,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
+# torch's CPU wheel first (a bare `torch` would pull the multi-GB CUDA build), then sp_server with the CHGNet oracle
+TORCH ?= torch==2.13.0+cpu
 setup: $(BIN)/python
-	$(BIN)/pip install -e .
+	$(BIN)/pip install '$(TORCH)'
+	$(BIN)/pip install -e '.[oracles]'
 
 # multibinit (Debian's abinit 9.6.2) is the reference for the parity tests
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -36,8 +36,15 @@ def _cmd_toy(args):
 
 
 def _cmd_demo(args):
-    from ..demo import run_demo
-    run_demo(args.output, progress=not args.no_progress)
+    import logging
+    if args.toy:
+        from ..demo import run_demo
+        run_demo(args.output, progress=not args.no_progress)
+        return 0
+    from ..demo import run_otf_demo
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    model = run_otf_demo(args.output, progress=not args.no_progress)
+    print(f"model: {model.resolve()}\nreport: {(model.parent / 'report').resolve()} (summary.md, figures)")
     return 0
 
 
@@ -80,7 +87,7 @@ def _cmd_harmonic(args):
         if ddb.born_charges is None:
             raise ValueError(f"{born}: the DDB has no Born charges / dielectric tensor")
         born = (ddb.born_charges, ddb.epsilon_inf)
-    model = harmonic_from_oracle(atoms, make_oracle(args.oracle), settings, born=born,
+    model = harmonic_from_oracle(atoms, make_oracle(args.oracle, _oracle_options(args)), settings, born=born,
                                  progress=not args.no_progress)
     path = save_model(model, args.output)
     print(model.summary())
@@ -97,8 +104,8 @@ def _generator_settings(args):
 
 def _cmd_fit(args):
     from ..batch import iter_structures
-    from ..fit.bound import BoundSettings, bound_model
-    from ..fit.fit import QuantityScales, fit_model
+    from ..fit.bound import bounding_coefficients, fit_bounded
+    from ..fit.fit import FitReport, QuantityScales, TrainingSet, add_structures, fit_training_set
     from ..io.multibinit import read_coefficients_xml
     from ..model.native import load_model, save_model
     base = load_model(args.harmonic)
@@ -111,8 +118,12 @@ def _cmd_fit(args):
         pool = read_coefficients_xml(args.terms, base.natoms).coefficients  # values ignored: only the terms
         print(f"{len(pool)} candidate coefficients from {args.terms}")
     scales = QuantityScales(args.energy_scale, args.force_scale, args.stress_scale)
-    model, report = fit_model(iter_structures(args.training), base, pool, select=args.select, scales=scales,
-                              progress=not args.no_progress)
+    bounding = [] if args.no_bound else bounding_coefficients(base)
+    ts = TrainingSet(base, list(pool) + bounding, scales)
+    report = FitReport()
+    add_structures(ts, iter_structures(args.training), report, progress=not args.no_progress)
+    fixed_off = {len(pool) + k: 0.0 for k in range(len(bounding))}
+    model, report = fit_training_set(ts, base, select=args.select, fixed=fixed_off, report=report)
     print(f"fitted {len(model.anharmonic)} coefficients on {report.n_structures} structures "
           f"({report.n_rows} rows; {len(report.skipped)} skipped): sigma_v {report.sigma_v:.3g}, "
           f"sigma_w {report.sigma_w:.3g}, log evidence {report.log_evidence:.6g}")
@@ -122,7 +133,8 @@ def _cmd_fit(args):
         print(f"  {value: .6e} +- {np.sqrt(var):.2e}  {text}")
     ready = False  # only a model that passed the boundedness check is "ready"
     if not args.no_bound:
-        model, bound = bound_model(model, BoundSettings())
+        # the same selection, refitted with the bounding terms held at growing values until the check passes
+        model, report, bound = fit_bounded(ts, base, select=args.select, bounding=list(fixed_off), report=report)
         ready = bound.bounded
         model.metadata["bounded"] = bound.bounded
     model.metadata["ready"] = ready
@@ -159,6 +171,65 @@ def _cmd_lammps(args):
     return rc
 
 
+def _oracle_options(args) -> dict:
+    """--oracle-config FILE.toml (its [oracle] table, or the whole file) updated by --oracle-option KEY=VALUE
+    (VALUE read as TOML: 30, 1e-10, "text", [2, 2, 2]; bare words are strings)."""
+    import tomllib
+    options = {}
+    if getattr(args, "oracle_config", None):
+        with open(args.oracle_config, "rb") as fh:
+            data = tomllib.load(fh)
+        options.update(data.get("oracle", data))
+        options.pop("name", None)
+    for item in getattr(args, "oracle_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--oracle-option {item!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _add_oracle_arguments(parser, required=True):
+    parser.add_argument("--oracle", required=required,
+                        help="emt, chgnet, sevenn, abinit, socket, or package.module:factory (an ASE calculator)")
+    parser.add_argument("--oracle-option", action="append", metavar="KEY=VALUE",
+                        help="an option of the oracle (e.g. ecut_ha=30, ranks=2, unixsocket=lmp); repeatable")
+    parser.add_argument("--oracle-config", metavar="FILE.toml", help="oracle options from a TOML file ([oracle])")
+
+
+def _cmd_label(args):
+    from ..oracles import make_oracle
+    from ..otf.label import LabelChecks, run_workers_mpi
+    options = _oracle_options(args)
+    counts = run_workers_mpi(args.store, lambda: make_oracle(args.oracle, options),
+                             checks=LabelChecks(max_force=args.max_force), batch=args.batch,
+                             lease_seconds=args.lease, max_attempts=args.max_attempts,
+                             progress=not args.no_progress)
+    if counts is None:  # not rank 0
+        return 0
+    print(f"{counts.labeled} frame(s) labelled, {counts.failed} failed attempt(s) -> {args.store}")
+    return 1 if counts.failed else 0
+
+
+def _cmd_otf(args):
+    import logging
+
+    from ..otf.config import OtfConfig
+    from ..otf.loop import OnTheFly
+    from ..otf.report import write_report
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    config = OtfConfig.load(args.config)
+    if args.report:
+        print(f"report written to {write_report(config.run_dir)}")
+        return 0
+    model = OnTheFly(config, progress=not args.no_progress).run()
+    print(f"model: {model}\nreport: {model.parent / 'report' / 'summary.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sp-server", description="Second-principles lattice models: evaluate, serve, fit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("harmonic", help="harmonic part from an oracle: lattice constant, phonopy force constants, "
                                         "elastic and internal-strain tensors")
     h.add_argument("structure", metavar="STRUCTURE", help="reference unit cell (any file ase.io reads)")
-    h.add_argument("--oracle", required=True, help="emt, chgnet, sevenn or package.module:factory")
+    _add_oracle_arguments(h)
     h.add_argument("--supercell", type=int, nargs=3, default=[2, 2, 2], metavar=("N1", "N2", "N3"))
     h.add_argument("--displacement", type=float, default=0.01, help="finite displacement, A (default 0.01)")
     h.add_argument("--strain-step", type=float, default=0.005, help="finite strain (default 0.005)")
@@ -248,6 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--log", default="log.lammps", help="LAMMPS log file (relative to the deck's folder)")
     lm.set_defaults(func=_cmd_lammps)
 
+    lb = sub.add_parser("label", help="label the pending frames of a store with an oracle; under mpiexec -n K, "
+                                      "K workers (one per rank)")
+    lb.add_argument("store", metavar="STORE", help="ase.db file or PostgreSQL URL (sp-server serve --queue writes it)")
+    _add_oracle_arguments(lb)
+    lb.add_argument("--batch", type=int, default=1, help="frames claimed at a time per worker")
+    lb.add_argument("--lease", type=float, default=3600.0,
+                    help="seconds a claim lasts; a crashed worker's frames are retried after it")
+    lb.add_argument("--max-attempts", type=int, default=3, help="failed attempts before a frame is 'failed'")
+    lb.add_argument("--max-force", type=float, default=50.0, help="eV/A: a larger force is a failed label")
+    lb.add_argument("--no-progress", action="store_true")
+    lb.set_defaults(func=_cmd_label)
+
+    o = sub.add_parser("otf", help="on-the-fly training loop (MD with i-PI -> flag -> label -> refit -> heat up); "
+                                   "run again to continue an interrupted run")
+    o.add_argument("config", metavar="CONFIG.toml", help="loop configuration (docs/otf.md)")
+    o.add_argument("--report", action="store_true", help="only (re)write the report of the run folder")
+    o.add_argument("--no-progress", action="store_true")
+    o.set_defaults(func=_cmd_otf)
+
     i = sub.add_parser("info", help="print a model's summary and its anharmonic terms")
     i.add_argument("model", metavar="MODEL")
     i.set_defaults(func=_cmd_info)
@@ -258,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-dipole", action="store_true", help="leave out the dipole-dipole part")
     t.set_defaults(func=_cmd_toy)
 
-    d = sub.add_parser("demo", help="quick-start demonstration: build, evaluate and relax a model")
+    d = sub.add_parser("demo", help="quick-start demonstration: a BaTiO3 model built on the fly with CHGNet "
+                                    "(--toy: the toy perovskite, relaxed and evaluated, no oracle)")
     d.add_argument("-o", "--output", metavar="DIR", default="demo_output")
+    d.add_argument("--toy", action="store_true", help="the toy-model demonstration (seconds)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_demo)
     return p

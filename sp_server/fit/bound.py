@@ -6,9 +6,14 @@ displacements and strain at large amplitude, which must rise at the far end and 
 (2) a short hot Langevin MD on a 4x4x4 supercell that must stay finite and near the reference sites.  Bounding
 adds the orbits of (u_a - u_b)_alpha^8 over the bonds within a cutoff and eta_v^4, with positive values raised
 until the check passes; their posterior variance is zero (they are not fitted).
+
+With the training data at hand (:func:`fit_bounded`) the other coefficients are refitted with the bounding terms
+held at each trial value, so that the bounded model still reproduces the data (MULTIBINIT's bound_model refits
+too); :func:`bound_model` only adds terms to a finished model (no data needed, the fit degrades).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,3 +159,45 @@ def bound_model(model: Model, settings: BoundSettings = BoundSettings(), *, star
             return bounded, report
         value *= factor
     return bounded, report
+
+
+def fit_bounded(ts, base: Model, *, select=None, bounding: list, settings: BoundSettings = BoundSettings(),
+                values=(1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0), name=None, version=None, report=None, log=print):
+    """Fit on the training set ``ts`` (a :class:`sp_server.fit.fit.TrainingSet`) whose pool contains the bounding
+    coefficients at the pool indices ``bounding`` (see :func:`bounding_coefficients`): forward selection among the
+    other coefficients, the boundedness check, and when it fails a refit of the same selection with the bounding
+    terms held at each of ``values`` in turn (eV/A^8, eV per cell for strain) until the check passes.
+
+    Returns (model, fit report, bound report).  When no value passes, the model that came closest (fewest failing
+    directions, then the hot MD surviving, then the lowest training force error) is returned with
+    report.bounded False."""
+    from .fit import fit_training_set
+    off = {int(j): 0.0 for j in bounding}
+    model, rep = fit_training_set(ts, base, select=select, fixed=off, name=name, version=version, report=report)
+    check = check_bounded(model, settings)
+    log(f"boundedness: {'ok' if check.bounded else 'NOT bounded'} ({check.n_failing_directions} of "
+        f"{settings.n_directions} directions fail; {check.md_message})")
+    if check.bounded or not bounding:
+        return model, rep, check
+
+    def badness(c, r):
+        return (c.n_failing_directions, not c.md_ok, r.rmse.get("forces", np.inf))
+    best = (badness(check, rep), model, rep, check)
+    chosen = list(rep.selected)
+    for value in values:
+        model, rep = fit_training_set(ts, base, subset=chosen, fixed={j: float(value) for j in off}, name=name,
+                                      version=version, report=copy.copy(rep))
+        model.metadata["bounding"] = {"terms": len(off), "value": float(value), "refitted": True}
+        check = check_bounded(model, settings)
+        rm = rep.rmse
+        log(f"bounding terms at {value:g} (others refitted: train RMSE E {rm.get('energy', np.nan):.3g} meV/atom "
+            f"F {rm.get('forces', np.nan):.3g} eV/A): {'ok' if check.bounded else 'still unbounded'} "
+            f"({check.n_failing_directions} failing directions; {check.md_message})")
+        if check.bounded:
+            return model, rep, check
+        if badness(check, rep) < best[0]:
+            best = (badness(check, rep), model, rep, check)
+    _, model, rep, check = best
+    log(f"no bounding value passed; keeping the closest model (bounding "
+        f"{model.metadata.get('bounding', {}).get('value', 0):g}, {check.n_failing_directions} failing directions)")
+    return model, rep, check

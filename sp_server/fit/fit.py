@@ -7,8 +7,10 @@ mapped onto the reference, a duplicate, or a missing/NaN quantity is reported by
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
@@ -119,6 +121,33 @@ class TrainingSet:
         self.n_structures += 1
         return warnings
 
+    def save(self, path, **extra):
+        """Write the statistics (and the fingerprints of the structures in them) atomically to an .npz file;
+        ``extra``: arrays stored beside them (e.g. the store ids of the structures)."""
+        path = Path(path)
+        data = {"n_structures": self.n_structures, "seen": np.array(sorted(self._seen), dtype="U40"),
+                "pool_size": len(self.pool)}
+        for q, st in self.stats.items():
+            for key, value in st.as_dict().items():
+                data[f"{q}.{key}"] = value
+        data.update({f"extra.{k}": v for k, v in extra.items()})
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **data)
+        os.replace(tmp, path)
+
+    def load(self, path) -> dict:
+        """Read statistics written by :meth:`save` for the same pool; returns the extra arrays."""
+        with np.load(path) as data:
+            if int(data["pool_size"]) != len(self.pool):
+                raise ValueError(f"{path}: statistics of {int(data['pool_size'])} coefficients, the pool has "
+                                 f"{len(self.pool)}")
+            for q in QUANTITIES:
+                self.stats[q] = SufficientStats.from_dict({k: data[f"{q}.{k}"] for k in
+                                                           ("A", "b", "yy", "n_rows", "n_structures")})
+            self.n_structures = int(data["n_structures"])
+            self._seen = set(str(x) for x in data["seen"])
+            return {k[len("extra."):]: data[k] for k in data.files if k.startswith("extra.")}
+
     def combined(self) -> SufficientStats:
         total = SufficientStats(len(self.pool))
         for st in self.stats.values():
@@ -129,8 +158,12 @@ class TrainingSet:
         total.n_structures = self.n_structures
         return total
 
-    def rmse(self, subset, weights_phys) -> dict:
-        """Training RMSE per quantity (meV/atom for energies, eV/A, GPa) from the sufficient statistics."""
+    def rmse(self, subset, weights_phys, fixed: Optional[dict] = None) -> dict:
+        """Training RMSE per quantity (meV/atom for energies, eV/A, GPa) from the sufficient statistics, for the
+        coefficients ``subset`` at ``weights_phys`` plus the ``fixed`` {pool index: value} ones."""
+        fixed = {int(k): float(v) for k, v in (fixed or {}).items() if float(v) != 0.0}
+        subset = np.concatenate([np.asarray(subset, dtype=int), np.array(list(fixed), dtype=int)])
+        weights_phys = np.concatenate([np.asarray(weights_phys, dtype=float), list(fixed.values())])
         out = {}
         unit = {"energy": 1000.0 * self.scales.energy_per_atom, "forces": self.scales.force,
                 "stress": self.scales.stress_gpa}
@@ -144,13 +177,11 @@ class TrainingSet:
         return out
 
 
-def fit_model(structures: Iterable, base: Model, pool, *, select: Optional[int] = None,
-              scales: QuantityScales = QuantityScales(), name: Optional[str] = None, progress: bool = True,
-              log=print) -> tuple[Model, FitReport]:
-    """Fit the coefficients of ``pool`` (all of them, or ``select`` chosen by forward selection) to
-    ``structures`` (iterable of (label, Atoms-with-results or Exception)); returns the model with its posterior."""
-    ts = TrainingSet(base, pool, scales)
-    report = FitReport()
+def add_structures(ts: TrainingSet, structures: Iterable, report: FitReport, *, progress: bool = True,
+                   log=print) -> list:
+    """Add (label, Atoms-with-results or Exception) pairs to the training set; unusable ones are reported in
+    ``report.skipped`` (and logged) and the rest goes on.  Returns the labels that were added."""
+    added = []
     for label, atoms in tqdm(structures, disable=not progress, desc="design rows", unit="structure",
                              file=sys.stderr):
         if isinstance(atoms, Exception):
@@ -158,40 +189,103 @@ def fit_model(structures: Iterable, base: Model, pool, *, select: Optional[int] 
             log(f"skipped {label}: {atoms}")
             continue
         try:
-            report.warnings.extend(ts.add(atoms, label))
+            warnings = ts.add(atoms, label)
         except ValueError as exc:
             report.skipped.append((label, str(exc)))
             log(f"skipped {exc}" if str(exc).startswith(label) else f"skipped {label}: {exc}")
-    for w in report.warnings:
-        log(w)
+            continue
+        report.warnings.extend(warnings)
+        for w in warnings:
+            log(w)
+        added.append(label)
+    return added
+
+
+def fit_model(structures: Iterable, base: Model, pool, *, select: Optional[int] = None,
+              scales: QuantityScales = QuantityScales(), name: Optional[str] = None, progress: bool = True,
+              log=print) -> tuple[Model, FitReport]:
+    """Fit the coefficients of ``pool`` (all of them, or ``select`` chosen by forward selection) to
+    ``structures`` (iterable of (label, Atoms-with-results or Exception)); returns the model with its posterior."""
+    ts = TrainingSet(base, pool, scales)
+    report = FitReport()
+    add_structures(ts, structures, report, progress=progress, log=log)
+    return fit_training_set(ts, base, select=select, name=name, report=report)
+
+
+def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = None, subset=None,
+                     fixed: Optional[dict] = None, name: Optional[str] = None, report: Optional[FitReport] = None,
+                     version: Optional[int] = None) -> tuple[Model, FitReport]:
+    """Bayesian regression (evidence approximation) on the statistics of ``ts``; the model keeps the harmonic part
+    and reference of ``base``.
+
+    select: choose that many coefficients by forward selection (default: all free ones);
+    subset: or give the pool indices to fit (no selection);
+    fixed: {pool index: value} coefficients held at fixed values (eV per unit of the term, e.g. bounding terms):
+        their contribution is taken out of the targets exactly (from the sufficient statistics), they are never
+        selected, and a non-zero one is part of the model with zero posterior variance.  A value 0 just keeps the
+        column out of the fit."""
+    report = report or FitReport()
+    scales = ts.scales
     if ts.n_structures == 0:
         raise ValueError("no usable training structure")
-    stats = ts.combined()
-    if select is not None and select < len(ts.pool):
-        subset, evid = forward_selection(stats, select)
+    full = ts.combined()
+    fixed = {int(k): float(v) for k, v in (fixed or {}).items()}
+    free = np.array([j for j in range(len(ts.pool)) if j not in fixed], dtype=int)
+    stats = _reduced_stats(full, free, fixed)
+    if subset is not None:
+        position = {int(j): k for k, j in enumerate(free)}
+        bad = [int(j) for j in subset if int(j) not in position]
+        if bad:
+            raise ValueError(f"subset holds fixed or unknown pool indices {bad}")
+        local = np.array([position[int(j)] for j in subset], dtype=int)
+    elif select is not None and select < len(free):
+        local, evid = forward_selection(stats, select)
+        local = np.array(local, dtype=int)
         report.evidence_path = evid
     else:
-        subset = list(range(len(ts.pool)))
-    subset = np.array(subset, dtype=int)
-    ev, scale = fit_stats(stats, subset)
+        local = np.arange(len(free))
+    ev, scale = fit_stats(stats, local)
     w_phys = ev.mean / scale
     cov_phys = ev.covariance / np.outer(scale, scale)
-    sub_stats = {"A": stats.A[np.ix_(subset, subset)], "b": stats.b[subset], "yy": stats.yy,
+    chosen = free[local]
+    held = [j for j, v in fixed.items() if v != 0.0]
+    nz, nh = len(chosen), len(held)
+    cov = np.zeros((nz + nh, nz + nh))
+    cov[:nz, :nz] = cov_phys
+    sub_stats = {"A": stats.A[np.ix_(local, local)], "b": stats.b[local], "yy": stats.yy,
                  "n_rows": stats.n_rows, "n_structures": stats.n_structures}
-    posterior = Posterior(cov_phys, 1.0 / np.sqrt(ev.beta), 1.0 / np.sqrt(ev.alpha), scales.as_dict(), scale,
-                          ev.log_evidence, sub_stats)
-    coefs = [ts.pool[j] for j in subset]
+    if nh:
+        sub_stats["n_fixed_terms"] = nh
+    posterior = Posterior(cov, 1.0 / np.sqrt(ev.beta), 1.0 / np.sqrt(ev.alpha), scales.as_dict(),
+                          np.concatenate([scale, np.ones(nh)]), ev.log_evidence, sub_stats)
+    coefs = [ts.pool[j] for j in chosen] + [ts.pool[j] for j in held]
+    values = np.concatenate([w_phys, [fixed[j] for j in held]])
     meta = dict(base.metadata, fit={
         "n_structures": ts.n_structures, "n_rows": stats.n_rows, "pool_size": len(ts.pool),
-        "selected": int(len(subset)), "sigma_v": posterior.sigma_v, "sigma_w": posterior.sigma_w,
+        "selected": int(nz), "fixed": int(nh), "sigma_v": posterior.sigma_v, "sigma_w": posterior.sigma_w,
         "log_evidence": ev.log_evidence, "gamma": ev.gamma, "converged": ev.converged,
         "skipped": [s[0] for s in report.skipped],
     })
-    model = Model(base.reference, base.harmonic, AnharmonicPart(coefs, w_phys), name=name or f"{base.name}-fit",
-                  version=base.version + 1, metadata=meta, posterior=posterior)
+    model = Model(base.reference, base.harmonic, AnharmonicPart(coefs, values), name=name or f"{base.name}-fit",
+                  version=base.version + 1 if version is None else int(version), metadata=meta, posterior=posterior)
     report.n_structures, report.n_rows = ts.n_structures, stats.n_rows
-    report.selected = [int(j) for j in subset]
-    report.rmse = ts.rmse(subset, w_phys)
+    report.selected = [int(j) for j in chosen]
+    report.rmse = ts.rmse(chosen, w_phys, fixed)
     report.sigma_v, report.sigma_w, report.log_evidence = posterior.sigma_v, posterior.sigma_w, ev.log_evidence
     model.metadata["fit"]["rmse_train"] = report.rmse
     return model, report
+
+
+def _reduced_stats(stats: SufficientStats, free: np.ndarray, fixed: dict) -> SufficientStats:
+    """Statistics of the free columns with the fixed columns' contribution removed from the targets:
+    y' = y - Phi_F w_F  ->  A' = A_ff, b' = b_f - A_fF w_F, y'y' = yy - 2 w_F.b_F + w_F A_FF w_F."""
+    out = SufficientStats(len(free))
+    out.A = stats.A[np.ix_(free, free)].copy()
+    out.b = stats.b[free].copy()
+    out.yy, out.n_rows, out.n_structures = stats.yy, stats.n_rows, stats.n_structures
+    if fixed:
+        idx = np.array(list(fixed), dtype=int)
+        w = np.array(list(fixed.values()), dtype=float)
+        out.b -= stats.A[np.ix_(free, idx)] @ w
+        out.yy = float(stats.yy - 2.0 * w @ stats.b[idx] + w @ stats.A[np.ix_(idx, idx)] @ w)
+    return out

@@ -1,8 +1,11 @@
 """Oracles: whatever labels a structure with energy, forces and stress (an ASE calculator), chosen by name.
 
-``make_oracle(spec)`` understands: ``emt`` (ASE's EMT, for tests), ``chgnet`` and ``sevenn`` (offline DFT
-stand-ins, optional packages), and ``package.module:factory`` for any ASE calculator class or factory
-(called without arguments).  A missing optional package gives a clear error naming what to install.
+``make_oracle(spec, options)`` understands: ``emt`` (ASE's EMT, for tests), ``model`` (a second-principles
+model file as the oracle, option ``path``: teacher-student tests), ``chgnet`` and ``sevenn`` (offline
+DFT stand-ins, optional packages), ``abinit`` (ABINIT through ASE, launched with MPI; :mod:`.abinit`), ``socket``
+(any i-PI protocol client: LAMMPS fix ipi, CP2K, pw.x --ipi; :mod:`.socket`) and ``package.module:factory`` for
+any ASE calculator class or factory (called with the options as keyword arguments).  A missing optional
+package gives a clear error naming what to install.
 """
 from __future__ import annotations
 
@@ -13,34 +16,63 @@ class OracleSpecError(ValueError):
     """An oracle specification that cannot be turned into a calculator."""
 
 
-def _chgnet():
+INSTALL_TORCH = "pip install 'torch==2.13.0+cpu' first (a bare torch pulls a CUDA build), then "
+
+
+def _chgnet(**options):
     try:
         from chgnet.model.dynamics import CHGNetCalculator
     except ImportError as exc:
-        raise OracleSpecError(f"oracle 'chgnet' needs the chgnet package (pip install chgnet): {exc}") from None
-    return CHGNetCalculator()
+        raise OracleSpecError(f"oracle 'chgnet' needs the chgnet package ({INSTALL_TORCH}pip install chgnet, "
+                              f"or pip install 'sp_server[oracles]'): {exc}") from None
+    options.setdefault("use_device", "cpu")
+    return CHGNetCalculator(**options)
 
 
-def _sevenn():
+def _sevenn(**options):
     try:
         from sevenn.calculator import SevenNetCalculator
     except ImportError as exc:
-        raise OracleSpecError(f"oracle 'sevenn' needs the sevenn package (pip install sevenn): {exc}") from None
-    return SevenNetCalculator("7net-0")
+        raise OracleSpecError(f"oracle 'sevenn' needs the sevenn package ({INSTALL_TORCH}pip install sevenn): "
+                              f"{exc}") from None
+    options.setdefault("model", "7net-0")
+    options.setdefault("device", "cpu")
+    return SevenNetCalculator(**options)
 
 
-def _emt():
+def _emt(**options):
     from ase.calculators.emt import EMT
-    return EMT()
+    return EMT(**options)
 
 
-BUILTIN = {"emt": _emt, "chgnet": _chgnet, "sevenn": _sevenn}
+def _abinit(**options):
+    from .abinit import make_abinit
+    return make_abinit(**options)
 
 
-def make_oracle(spec: str):
-    """An ASE calculator from a name (emt, chgnet, sevenn) or an import path 'package.module:factory'."""
+def _socket(**options):
+    from .socket import make_socket_oracle
+    return make_socket_oracle(**options)
+
+
+def _model(path: str, **options):
+    from ..calculator import SecondPrinciplesCalculator
+    from ..model.native import load_model
+    return SecondPrinciplesCalculator(load_model(path), **options)
+
+
+BUILTIN = {"emt": _emt, "model": _model, "chgnet": _chgnet, "sevenn": _sevenn, "abinit": _abinit, "socket": _socket}
+
+
+def make_oracle(spec: str, options: dict | None = None):
+    """An ASE calculator from a name (emt, chgnet, sevenn, abinit, socket) or an import path
+    'package.module:factory'; ``options`` (e.g. a TOML table) are passed to the factory as keyword arguments."""
+    options = dict(options or {})
     if spec in BUILTIN:
-        return BUILTIN[spec]()
+        try:
+            return BUILTIN[spec](**options)
+        except TypeError as exc:
+            raise OracleSpecError(f"oracle {spec!r}: bad options {sorted(options)}: {exc}") from None
     if ":" not in spec:
         raise OracleSpecError(f"unknown oracle {spec!r}: use one of {sorted(BUILTIN)} or 'package.module:factory'")
     module, _, name = spec.partition(":")
@@ -48,7 +80,7 @@ def make_oracle(spec: str):
         factory = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise OracleSpecError(f"oracle {spec!r}: cannot import {name} from {module} ({exc})") from None
-    calc = factory()
+    calc = factory(**options)
     if not hasattr(calc, "get_potential_energy") and not hasattr(calc, "calculate"):
         raise OracleSpecError(f"oracle {spec!r} did not give an ASE calculator (got {type(calc).__name__})")
     return calc

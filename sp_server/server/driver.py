@@ -5,7 +5,9 @@ One process holds K connections (threads), all sharing one model holder and one 
 its own Evaluator (work buffers are per connection).  A bad message or an unmappable frame closes that connection
 with a log line naming the frame and the problem; the others go on.  Frames are flagged when their Bayesian error
 exceeds the threshold and is a local maximum along that connection's trajectory (the paper's rule), or at once
-when they leave the trusted range (atoms far from their sites, energy far below the reference, non-finite).
+when they leave the trusted range (atoms far from their sites, energy far below the reference, non-finite); with
+an untrusted frame the frame where that excursion began is queued too (reason "entry of an excursion ..."): it is
+the one worth labelling.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,7 +27,7 @@ import numpy as np
 
 from ..model.mapping import MappingError, symmetric_from_voigt
 from ..model.native import ModelFileError, load_model
-from ..model.posterior import ErrorThreshold
+from ..model.posterior import ERROR_KEYS, ErrorThreshold
 from ..potential import Evaluator
 from .protocol import Connection, EngineClosed, ProtocolError, connect
 from .queue import FlagQueue
@@ -40,6 +43,13 @@ class ServeSettings:
     wait: float = 600.0                 # s to keep retrying the connection while the engine starts
     reload_interval: float = 1.0        # s between checks of the model file
     socket_timeout: float = 3600.0      # s without a message from the engine before giving up
+    stop_untrusted: bool = False        # end the connection at an untrusted frame (after queueing it): the engine's
+                                        # MD has exploded or left the model's range; the caller stops that engine
+    trace_dir: Optional[str] = None     # write every frame's energy and Bayesian errors to trace_dir/trace_K.csv
+
+
+class UntrustedFrame(RuntimeError):
+    """A frame outside the model's trusted range, with ServeSettings.stop_untrusted set."""
 
 
 class ModelHolder:
@@ -83,22 +93,51 @@ class ModelHolder:
 
 
 class _Trajectory:
-    """Local-maximum flagging along one connection: frame k is decided when frame k+1 arrives."""
+    """Flagging along one connection.  Local maxima (the paper's rule): frame k is decided when frame k+1 arrives.
+    Excursions: the last ``history`` trusted frames are kept, so that when a frame leaves the trusted range the
+    frame where the excursion began (the first of the last run of frames above the threshold, else the frame
+    ``back`` steps before) can be labelled instead of the untrusted frame itself, which lies far outside anything
+    a polynomial should be fitted to (FLARE and VASP label where the uncertainty first exceeds the threshold)."""
 
-    def __init__(self, threshold: Optional[ErrorThreshold]):
+    def __init__(self, threshold: Optional[ErrorThreshold], history: int = 64, back: int = 20):
         self.threshold = threshold
         self.prev = None  # (value, record)
         self.cur = None
+        self.recent: deque = deque(maxlen=max(int(history), 1))
+        self.back = int(back)
+        self.flagged: set = set()   # (frame, bead) already put in the queue
 
-    def push(self, value: float, record: dict):
+    def push(self, value: float, record: dict, trusted: bool = True):
         out = None
         if self.threshold is not None and self.cur is not None:
             v_prev = self.prev[0] if self.prev is not None else -np.inf
             v_cur, rec = self.cur
             if v_cur > self.threshold.value and v_cur >= v_prev and v_cur >= value:
-                out = rec
+                out = self._once(rec)
         self.prev, self.cur = self.cur, (value, record)
+        if trusted:
+            self.recent.append((value, record))
         return out
+
+    def _once(self, rec):
+        key = (rec.get("frame"), rec.get("bead"))
+        if key in self.flagged:
+            return None
+        self.flagged.add(key)
+        return rec
+
+    def entry(self):
+        """The frame where the current excursion began (see the class docstring), or None."""
+        if not self.recent:
+            return None
+        items = list(self.recent)
+        start = len(items)
+        if self.threshold is not None:
+            while start > 0 and items[start - 1][0] > self.threshold.value:
+                start -= 1
+        if start == len(items):   # no frame above the threshold just before: the model was confidently wrong
+            start = max(len(items) - self.back, 0)
+        return self._once(items[start][1])
 
     def finish(self):
         """At the end of the trajectory the last frame can still be a maximum."""
@@ -106,7 +145,7 @@ class _Trajectory:
             return None
         v_prev = self.prev[0] if self.prev is not None else -np.inf
         v_cur, rec = self.cur
-        return rec if v_cur > self.threshold.value and v_cur >= v_prev else None
+        return self._once(rec) if v_cur > self.threshold.value and v_cur >= v_prev else None
 
 
 class ForceServer:
@@ -123,7 +162,14 @@ class ForceServer:
         self.queue = FlagQueue(queue) if queue else None
         self.stop = threading.Event()
         self.results: list = []
+        self.outcomes: dict = {}  # connection index -> "exit" | "error" | "untrusted" | "stopped" | ...
+        self.connected: set = set()  # connection indices that reached their engine
+        self.frames: dict = {}    # connection index -> frames evaluated
         self._open: set = set()  # connections to shut down on stop (their threads wait in recv)
+
+    @property
+    def frames_total(self) -> int:
+        return sum(self.frames.values())
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def _connect(self, k: int) -> Optional[Connection]:
@@ -175,9 +221,11 @@ class ForceServer:
             self.results.append("no engine")
             return
         self._open.add(conn)
+        self.connected.add(k)
         outcome = "closed"
         generation, evaluator = -1, None
         traj = _Trajectory(self.settings.threshold)
+        trace = self._open_trace(k)
         frame = 0
         bead = k
         have_data = False
@@ -204,7 +252,7 @@ class ForceServer:
                             log.info("connection %d: frame %d evaluated with model version %s", k, frame,
                                      model.version)
                         generation, evaluator = gen, Evaluator(model)
-                    answer = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj)
+                    answer = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj, trace)
                     if frame > 0:  # the first frame includes set-up (Ewald sums, compilation)
                         t_eval += time.perf_counter() - t0
                     have_data = True
@@ -215,6 +263,7 @@ class ForceServer:
                     conn.send_force(*answer)
                     have_data = False
                     frame += 1
+                    self.frames[k] = frame
                 elif msg == "EXIT":
                     outcome = "exit"
                     log.info("connection %d: EXIT after %d frames", k, frame)
@@ -224,6 +273,9 @@ class ForceServer:
         except EngineClosed:
             outcome = "exit"
             log.info("connection %d: the engine closed the connection after %d frames", k, frame)
+        except UntrustedFrame as exc:
+            log.warning("connection %d, frame %d: %s; ending this trajectory", k, frame, exc)
+            outcome = "untrusted"
         except (ProtocolError, MappingError, ValueError) as exc:
             log.error("connection %d, frame %d: %s; closing this connection", k, frame, exc)
             outcome = "error"
@@ -245,11 +297,24 @@ class ForceServer:
                 self.queue.put(last)
             conn.close()
             self._open.discard(conn)
-            if self.stop.is_set() and outcome != "exit":
+            if trace is not None:
+                trace.close()
+            if self.stop.is_set() and outcome not in ("exit", "untrusted"):
                 outcome = "stopped"
             self.results.append(outcome)
+            self.outcomes[k] = outcome
 
-    def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj):
+    def _open_trace(self, k: int):
+        if not self.settings.trace_dir:
+            return None
+        Path(self.settings.trace_dir).mkdir(parents=True, exist_ok=True)
+        fh = open(Path(self.settings.trace_dir) / f"trace_{k}.csv", "w", buffering=1)
+        fh.write("# every frame of connection %d: energy in eV, Bayesian errors (energy meV/cell, forces eV/A, "
+                 "stress GPa); flagged: untrusted or candidate\n" % k)
+        fh.write("frame,bead,model_version,energy_ev," + ",".join(f"err_{q}" for q in ERROR_KEYS) + ",untrusted\n")
+        return fh
+
+    def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj, trace=None):
         ref = model.reference
         # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
         # then cached), and take the species of their sites
@@ -274,15 +339,25 @@ class ForceServer:
                   "energy_ev": float(res.energy)}
         if self.queue is not None:
             if reasons:
+                entry = traj.entry()
+                if entry is not None:
+                    self.queue.put(dict(entry, reason=f"entry of an excursion that left the trusted range at frame "
+                                                      f"{frame}"))
                 self.queue.put(dict(record, reason="untrusted: " + "; ".join(reasons)))
-                traj.push(-np.inf, record)
+                traj.push(-np.inf, record, trusted=False)
             elif self.settings.threshold is not None and errors:
                 value = errors[self.settings.threshold.quantity]
                 flagged = traj.push(value, dict(record, reason=f"local maximum of {self.settings.threshold}"))
                 if flagged is not None:
                     self.queue.put(flagged)
+        if trace is not None:
+            trace.write(f"{frame},{bead},{model.version},{res.energy:.10g},"
+                        + ",".join(f"{errors.get(q, float('nan')):.6g}" for q in ERROR_KEYS)
+                        + f",{int(bool(reasons))}\n")
         if reasons:
             log.warning("connection %d, frame %d: %s", k, frame, "; ".join(reasons))
+            if self.settings.stop_untrusted:
+                raise UntrustedFrame("; ".join(reasons))
         stress = symmetric_from_voigt(res.stress)
         return res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)
 

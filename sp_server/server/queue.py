@@ -24,7 +24,7 @@ class FlagQueue:
         self._batch_seconds = batch_seconds
         self._closed = threading.Event()
         self.written = 0
-        with ase.db.connect(self.url):  # fail early, in the caller, on a bad URL or path
+        with ase.db.connect(self.url, serial=True):  # fail early, in the caller, on a bad URL or path
             pass
         self._thread = threading.Thread(target=self._writer, name="flag-queue-writer", daemon=True)
         self._thread.start()
@@ -48,7 +48,7 @@ class FlagQueue:
 
     def _write(self, batch):
         try:
-            with ase.db.connect(self.url) as db:
+            with ase.db.connect(self.url, serial=True) as db:
                 for r in batch:
                     atoms = Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=True)
                     kv = {"state": "pending", "reason": r.get("reason", ""), "frame": int(r["frame"]),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,8 +27,13 @@ class Store:
         self.url = str(url)
         self.max_attempts = int(max_attempts)
         self.is_postgres = self.url.startswith("postgresql://")
-        with ase.db.connect(self.url):
+        with self._db():
             pass
+
+    def _db(self):
+        # serial=True: every process (MPI rank) talks to the database itself; ase.db's default under MPI would
+        # make rank 0 read and broadcast, which deadlocks ranks that work independently
+        return ase.db.connect(self.url, serial=True)
 
     # ------------------------------------------------------------------------------------------------ locking
     @contextlib.contextmanager
@@ -56,15 +63,62 @@ class Store:
         """Add a frame (pending by default; 'labeled' when ``atoms`` carries energy/forces/stress)."""
         if state not in STATES:
             raise StoreError(f"unknown state {state!r}")
-        with ase.db.connect(self.url) as db:
+        with self._db() as db:
             return db.write(atoms, state=state, attempts=0, **meta)
+
+    def add_many(self, frames, *, run: Optional[str] = None) -> int:
+        """Add [(Atoms, meta dict)] in one transaction.  With ``run`` (a name for this batch, e.g. one MD) the
+        batch is added at most once: if rows of that run exist already nothing is written (a restart that
+        repeats the import cannot duplicate frames).  Returns the number of rows of the run in the store."""
+        with self._locked():
+            with self._db() as db:
+                if run is not None:
+                    existing = db.count(run=run)
+                    if existing:
+                        return existing
+                for atoms, meta in frames:
+                    meta = dict(meta)
+                    meta.setdefault("state", "pending")
+                    if meta["state"] not in STATES:
+                        raise StoreError(f"unknown state {meta['state']!r}")
+                    meta.setdefault("attempts", 0)
+                    if run is not None:
+                        meta["run"] = run
+                    db.write(atoms, **meta)
+                return len(frames)
+
+    def has_run(self, run: str) -> bool:
+        with self._db() as db:
+            return db.count(run=run) > 0
+
+    def release_dead_claims(self) -> int:
+        """Claims of processes of this host that no longer exist (owner 'host:pid:tag', see
+        sp_server.otf.label.owner_name) go back to pending at once, without counting the attempt."""
+        host = socket.gethostname()
+        released = 0
+        with self._locked():
+            with self._db() as db:
+                for row in list(db.select(state="claimed")):
+                    parts = str(row.get("owner", "")).split(":")
+                    if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+                        continue
+                    try:
+                        os.kill(int(parts[1]), 0)
+                        continue  # alive
+                    except ProcessLookupError:
+                        pass
+                    except PermissionError:
+                        continue
+                    db.update(row.id, state="pending", owner="", attempts=max(int(row.get("attempts", 1)) - 1, 0))
+                    released += 1
+        return released
 
     def claim(self, owner: str, *, n: int = 1, lease_seconds: float = 600.0) -> list:
         """Atomically claim up to n frames (pending, or claimed with an expired lease); returns [(id, Atoms)]."""
         now = time.time()
         out = []
         with self._locked():
-            with ase.db.connect(self.url) as db:
+            with self._db() as db:
                 candidates = [r for r in db.select("state=pending", sort="id", limit=n)]
                 if len(candidates) < n:
                     expired = [r for r in db.select("state=claimed", sort="id")
@@ -88,7 +142,7 @@ class Store:
         forces = np.asarray(forces, dtype=float)
         stress = np.asarray(stress, dtype=float)
         with self._locked():
-            with ase.db.connect(self.url) as db:
+            with self._db() as db:
                 row = self._own(db, frame_id, owner)
                 if row is None:
                     return False
@@ -101,7 +155,7 @@ class Store:
         """A failed label: back to pending until max_attempts, then 'failed'.  Returns the new state (None if
         the claim was not ours)."""
         with self._locked():
-            with ase.db.connect(self.url) as db:
+            with self._db() as db:
                 row = self._own(db, frame_id, owner)
                 if row is None:
                     return None
@@ -112,18 +166,23 @@ class Store:
     def exclude(self, frame_id: int, reason: str):
         """Take a frame out for good (later runs respect it)."""
         with self._locked():
-            with ase.db.connect(self.url) as db:
+            with self._db() as db:
                 db.update(frame_id, state="excluded", excluded_reason=str(reason)[:500])
 
     # ------------------------------------------------------------------------------------------------ reading
-    def counts(self) -> dict:
-        with ase.db.connect(self.url) as db:
-            return {s: db.count(state=s) for s in STATES}
+    def counts(self, **filters) -> dict:
+        with self._db() as db:
+            return {s: db.count(state=s, **filters) for s in STATES}
 
-    def labeled(self):
-        """Yield (label, Atoms with results) of every labelled frame."""
-        with ase.db.connect(self.url) as db:
-            for row in db.select(state="labeled", sort="id"):
+    def labeled(self, **filters):
+        """Yield (label, Atoms with results) of every labelled frame (matching the key=value filters)."""
+        with self._db() as db:
+            for row in db.select(state="labeled", sort="id", **filters):
                 yield f"{self.url}: id={row.id}", row.toatoms()
+
+    def rows(self, **filters) -> list:
+        """ase.db rows (with key-value pairs) matching the filters, by id."""
+        with self._db() as db:
+            return list(db.select(sort="id", **filters))
 
 

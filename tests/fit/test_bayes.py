@@ -8,7 +8,9 @@ from sp_server.fit.bayes import SufficientStats, evidence_fit
 from sp_server.fit.fit import QuantityScales, TrainingSet, fit_model
 from sp_server.model import AnharmonicPart, Model
 from sp_server.model.symmetry import space_group_operations, symmetrize
-from sp_server.model.terms import DisplacementDiff as D, StrainFactor as S, Term
+from sp_server.model.terms import DisplacementDiff as D
+from sp_server.model.terms import StrainFactor as S
+from sp_server.model.terms import Term
 from sp_server.units import GPA_EV_A3
 from tests.conftest import displaced
 
@@ -133,6 +135,7 @@ def test_posterior_travels_with_the_model_and_eval_reports_errors(teacher, base,
     import sys
 
     import ase.io
+
     from sp_server.model import load_model, save_model
     data = noisy_data(teacher, 12, seed=5)
     model, _ = fit_model(data, base, teacher.anharmonic.coefficients, progress=False, log=lambda *a: None)
@@ -167,6 +170,7 @@ def test_threshold_configuration(teacher, base, tmp_path):
     import sys
 
     import ase.io
+
     from sp_server.model import save_model
     from sp_server.model.posterior import ErrorThreshold
     assert ErrorThreshold.parse("0.2") == ErrorThreshold("force_max", 0.2)
@@ -189,3 +193,58 @@ def test_threshold_configuration(teacher, base, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 flagged" in proc.stdout
     assert [g.info["sp_flagged"] for g in ase.io.read(tmp_path / "out.extxyz", ":")] == [False, True]
+
+
+def test_fixed_coefficients_come_out_of_the_targets_exactly(teacher, base):
+    """A coefficient held at its true value leaves the others' fit as if its contribution had been subtracted from
+    the data; held at 0 it is simply left out; held elsewhere it is in the model with zero variance."""
+    from sp_server.fit.fit import fit_training_set
+    data = noisy_data(teacher, 12, seed=4, noise=0.0)
+    ts = TrainingSet(base, teacher.anharmonic.coefficients)
+    for label, a in data:
+        ts.add(a, label)
+    w_true = teacher.anharmonic.values
+    model, report = fit_training_set(ts, base, fixed={0: w_true[0]})
+    assert model.anharmonic.values[-1] == w_true[0] and model.posterior.covariance[-1, -1] == 0.0
+    assert np.allclose(model.anharmonic.values[:-1], w_true[1:], rtol=1e-4, atol=1e-6)
+    assert report.rmse["forces"] < 1e-5 and report.selected == list(range(1, len(w_true)))
+    out, report_out = fit_training_set(ts, base, fixed={0: 0.0})
+    assert len(out.anharmonic) == len(w_true) - 1 and report_out.rmse["forces"] > 1e-3
+    wrong, report_wrong = fit_training_set(ts, base, subset=[1, 2], fixed={0: 2 * w_true[0]})
+    assert len(wrong.anharmonic) == 3 and report_wrong.rmse["forces"] > report.rmse["forces"]
+    with pytest.raises(ValueError, match=r"fixed or unknown pool indices \[0\]"):
+        fit_training_set(ts, base, subset=[0, 1], fixed={0: 1.0})
+
+
+def test_bounded_refit_keeps_the_data(teacher, base):
+    """A teacher whose only anharmonic term is a negative quartic is unbounded: fit_bounded holds the bounding terms
+    at growing values while refitting the other coefficient, and the bounded model fits the data better than the
+    same bounding terms added afterwards without a refit (bound_model)."""
+    from sp_server.fit.bound import (
+        BoundSettings,
+        bound_model,
+        bounding_coefficients,
+        fit_bounded,
+    )
+    from sp_server.fit.fit import fit_training_set
+    bad = Model(teacher.reference, teacher.harmonic, AnharmonicPart([teacher.anharmonic.coefficients[0]], [-0.9]),
+                name="unbounded")
+    data = noisy_data(bad, 10, seed=5, noise=0.0)
+    bounding = bounding_coefficients(base)
+    ts = TrainingSet(base, [bad.anharmonic.coefficients[0]] + bounding)
+    for label, a in data:
+        ts.add(a, label)
+    idx = list(range(1, 1 + len(bounding)))
+    fast = BoundSettings(n_directions=60, md_steps=150)
+    messages = []
+    model, report, check = fit_bounded(ts, base, bounding=idx, settings=fast, log=messages.append)
+    assert "NOT bounded" in messages[0] and check.bounded, messages
+    assert model.metadata["bounding"]["refitted"] and len(model.anharmonic) == 1 + len(bounding)
+    assert np.all(model.anharmonic.values[1:] == model.metadata["bounding"]["value"])
+    plain, _ = fit_training_set(ts, base, fixed={j: 0.0 for j in idx})
+    assert plain.anharmonic.values[0] == pytest.approx(-0.9, rel=1e-6)
+    added, _ = bound_model(plain, fast, log=lambda m: None)
+    value = added.metadata["bounding"]["value"]
+    _, refit_at_same = fit_training_set(ts, base, subset=[0], fixed={j: value for j in idx})
+    no_refit = ts.rmse([0] + idx, np.concatenate([[-0.9], np.full(len(idx), value)]))
+    assert refit_at_same.rmse["forces"] < no_refit["forces"]

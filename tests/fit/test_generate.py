@@ -5,11 +5,25 @@ import itertools
 import numpy as np
 import pytest
 
-from sp_server.fit.generate import (GeneratorSettings, _canonical_disp, _compositions, _stars, count_by_order,
-                                    generate_terms, print_counts)
+from sp_server.fit.generate import (
+    GeneratorSettings,
+    _canonical_disp,
+    _compositions,
+    _stars,
+    count_by_order,
+    generate_terms,
+    print_counts,
+)
 from sp_server.model import Reference
-from sp_server.model.symmetry import canonical, is_invariant, space_group_operations, symmetrize
-from sp_server.model.terms import DisplacementDiff as D, StrainFactor as S, Term, term_text
+from sp_server.model.symmetry import (
+    canonical,
+    is_invariant,
+    space_group_operations,
+    symmetrize,
+)
+from sp_server.model.terms import DisplacementDiff as D
+from sp_server.model.terms import StrainFactor as S
+from sp_server.model.terms import Term, term_text
 
 # a pool small enough to be checked exhaustively, but with 2-body, strain-phonon and pure strain terms
 MID = GeneratorSettings(cutoff=2.89, orders=(3, 4), strain_powers=(1,), sp_orders=(1, 2), pure_strain=(3, 4))

@@ -20,8 +20,15 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 
 from sp_server import SecondPrinciplesCalculator
-from sp_server.fit.harmonic import (NO_BORN_MESSAGE, HarmonicSettings, NotStationaryError, OracleError,
-                                    harmonic_from_oracle, read_phonopy_born, relax_cubic_lattice)
+from sp_server.fit.harmonic import (
+    NO_BORN_MESSAGE,
+    HarmonicSettings,
+    NotStationaryError,
+    OracleError,
+    harmonic_from_oracle,
+    read_phonopy_born,
+    relax_cubic_lattice,
+)
 from sp_server.io.ddb import harmonic_dynamical_matrices
 from sp_server.model.mapping import matrix_from_voigt
 from sp_server.model.toy import toy_perovskite

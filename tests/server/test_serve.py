@@ -94,13 +94,15 @@ def trajectory(toy, amplitudes, seed=5):
 def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name):
     from sp_server.potential import Evaluator
     path = save_model(fitted, tmp_path / "fit.h5")
-    amps = [0.02, 0.05, 0.08, 0.05, 0.03, 0.06, 0.04, 0.02]
+    # a bump (frame 2), then an excursion rising from frame 8 until an atom leaves its site
+    amps = [0.02, 0.05, 0.08, 0.05, 0.03, 0.06, 0.04, 0.02, 0.09, 0.10, 0.12]
     frames = trajectory(toy, amps)
     ev = Evaluator(fitted)
     errs = [ev.evaluate(a.cell.array, a.positions, a.numbers, errors=True).errors["force_max"] for a in frames]
     thr = 0.5 * (errs[2] + errs[1])  # frame 2 is a maximum above it; frame 5 only if above too
-    expected = [k for k in range(len(errs)) if errs[k] > thr and errs[k] >= (errs[k - 1] if k else -1)
-                and (k == len(errs) - 1 or errs[k] >= errs[k + 1])]
+    assert errs[7] < thr < min(errs[8:]) and errs[8] < errs[9] < errs[10]
+    expected = [k for k in range(len(errs) - 1) if errs[k] > thr and errs[k] >= (errs[k - 1] if k else -1)
+                and errs[k] >= errs[k + 1]]
     far = frames[0].copy()
     far.positions[3] += [1.6, 0.0, 0.0]  # an atom leaves its site: untrusted
     queue = tmp_path / "flags.db"
@@ -113,7 +115,11 @@ def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name)
         rows = list(db.select())
     flagged = sorted(r.frame for r in rows if r.reason.startswith("local maximum"))
     untrusted = [r for r in rows if r.reason.startswith("untrusted")]
-    assert flagged == expected and 2 in flagged
+    entries = [r for r in rows if r.reason.startswith("entry")]
+    assert flagged == expected and 2 in flagged and 10 not in flagged
+    # the excursion's first frame above the threshold is queued for labelling, once
+    assert [r.frame for r in entries] == [8] and f"at frame {len(frames)}" in entries[0].reason
+    assert entries[0].toatoms().positions == pytest.approx(frames[8].positions)
     assert len(untrusted) == 1 and untrusted[0].frame == len(frames) and "from its site" in untrusted[0].reason
     assert all(r.state == "pending" and r.model_version == fitted.version for r in rows)
     assert untrusted[0].toatoms().positions[3, 0] == pytest.approx(far.positions[3, 0])

@@ -1,0 +1,198 @@
+"""The on-the-fly loop's configuration: a TOML file read into dataclasses, every field with its unit and default.
+
+Unknown sections or keys are an error naming them (a typo must not silently fall back to a default).  Relative
+paths are relative to the configuration file.  See docs/otf.md for a commented example.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _typed(value, default, where: str):
+    """``value`` checked against the type of the field's default (an int is accepted for a float)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+@dataclass
+class SystemConfig:
+    structure: str = "BaTiO3"     # "BaTiO3" (cubic perovskite, Ba at 0, Ti at the centre, O at face centres)
+                                  # or a file ase.io reads (the reference unit cell)
+    a: float = 4.0                # A, starting lattice constant of the built-in cubic cell
+
+
+@dataclass
+class HarmonicConfig:
+    supercell: list = field(default_factory=lambda: [2, 2, 2])  # phonopy supercell for the force constants
+    relax_lattice: bool = True    # cubic lattice constant relaxed with the oracle first
+    displacement: float = 0.01    # A
+    strain_step: float = 0.005
+    born: str = ""                # optional phonopy BORN file (Born charges, eps_inf): dipole-dipole part
+
+
+@dataclass
+class TermsConfig:
+    cutoff_factor: float = 0.7072  # bond cutoff in units of the relaxed lattice constant (sqrt(2)/2 a0: paper)
+    orders: list = field(default_factory=lambda: [3, 4, 5, 6])
+    max_bodies: int = 2
+    strain_phonon: bool = True
+    strain_powers: list = field(default_factory=lambda: [1])
+    sp_orders: list = field(default_factory=lambda: [1, 2, 3])
+    pure_strain: list = field(default_factory=lambda: [3, 4])
+    select: int = 96              # coefficients kept by forward selection at every refit (paper: 96)
+
+
+@dataclass
+class InitialConfig:
+    amplitudes: list = field(default_factory=lambda: [0.04, 0.08, 0.12, 0.16, 0.2])  # A, largest displacement
+    modes_per_q: int = 2          # lowest (incl. unstable) modes per commensurate q-point of the MD supercell
+    strains: list = field(default_factory=lambda: [0.005, 0.01, 0.02])  # homogeneous strain magnitudes
+    mixed: int = 12               # random combinations of low modes and strains
+    seed: int = 0
+
+
+@dataclass
+class MDConfig:
+    supercell: list = field(default_factory=lambda: [2, 2, 2])
+    phases: list = field(default_factory=lambda: ["R", "O", "T"])  # polar starting structures along 111/110/001
+    steps: int = 1000
+    timestep_fs: float = 1.0
+    pressure_gpa: float = 0.0
+    thermostat_tau_fs: float = 100.0
+    barostat_tau_fs: float = 200.0
+    polar_displacement: float = 0.08  # A, Ti displacement (O opposite, half) of the starting polar structures
+    trajectory_stride: int = 20   # MD steps between saved frames (validation frames are drawn from them)
+    timeout_s: float = 1800.0     # an MD that takes longer is stopped (its flagged frames are kept)
+
+
+@dataclass
+class LoopConfig:
+    temperatures: list = field(default_factory=lambda: [15, 50, 100, 150, 200, 250, 300])  # K
+    threshold: str = "force_max=0.1"  # QUANTITY=VALUE: force_max (eV/A), energy_mev_per_cell, stress_max_gpa
+    threshold_mode: str = "absolute"  # absolute | relative (VALUE x the median error over the training set)
+    max_labels_per_iteration: int = 24  # cap: the flagged frames with the largest errors are labelled
+    max_iterations_per_temperature: int = 6
+    validation_per_md: int = 1    # frames per MD labelled for validation only (never trained on)
+
+
+@dataclass
+class FitConfig:
+    energy_scale: float = 1e-3    # eV/atom
+    force_scale: float = 0.05     # eV/A
+    stress_scale: float = 0.1     # GPa
+    bound: bool = True            # check boundedness after each refit, add bounding terms when needed
+    bound_temperature: float = 0.0  # K, hot-MD check of boundedness (0: twice the highest loop temperature,
+                                    # at least 300 K)
+
+
+@dataclass
+class LabelConfig:
+    workers: int = 1              # >1: `mpiexec -n workers sp-server label` (mpi4py) instead of in-process
+    mpiexec: str = "mpiexec"
+    max_force: float = 50.0       # eV/A: a larger oracle force is a failed label
+    max_attempts: int = 3
+    lease_s: float = 3600.0
+
+
+SECTIONS = {"system": SystemConfig, "harmonic": HarmonicConfig, "terms": TermsConfig, "initial": InitialConfig,
+            "md": MDConfig, "loop": LoopConfig, "fit": FitConfig, "label": LabelConfig}
+
+
+@dataclass
+class OtfConfig:
+    path: Optional[Path] = None
+    run_dir: Path = Path("otf_run")
+    oracle: str = "chgnet"
+    oracle_options: dict = field(default_factory=dict)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    harmonic: HarmonicConfig = field(default_factory=HarmonicConfig)
+    terms: TermsConfig = field(default_factory=TermsConfig)
+    initial: InitialConfig = field(default_factory=InitialConfig)
+    md: MDConfig = field(default_factory=MDConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: Optional[Path] = None) -> "OtfConfig":
+        data = dict(data)
+        where = str(path) if path else "configuration"
+        base = Path(path).resolve().parent if path else Path.cwd()
+        cfg = cls(path=Path(path).resolve() if path else None)
+        run_dir = data.pop("run_dir", "otf_run")
+        cfg.run_dir = (base / run_dir).resolve()
+        oracle = data.pop("oracle", {"name": "chgnet"})
+        if isinstance(oracle, str):
+            oracle = {"name": oracle}
+        oracle = dict(oracle)
+        if "name" not in oracle:
+            raise ConfigError(f"{where}: [oracle] needs name = \"chgnet\" | \"sevenn\" | \"abinit\" | ...")
+        cfg.oracle = oracle.pop("name")
+        cfg.oracle_options = oracle
+        for name, table in data.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"{where}: unknown section [{name}] (known: oracle, {', '.join(SECTIONS)}, "
+                                  "run_dir)")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: [{name}] must be a table")
+            known = {f.name: f for f in fields(SECTIONS[name])}
+            for key, value in table.items():
+                if key not in known:
+                    raise ConfigError(f"{where}: unknown key {key!r} in [{name}] (known: {', '.join(known)})")
+                section = getattr(cfg, name)
+                setattr(section, key, _typed(value, getattr(section, key), f"{where}: [{name}] {key}"))
+        if cfg.system.structure != "BaTiO3" and not Path(cfg.system.structure).is_absolute():
+            cfg.system.structure = str(base / cfg.system.structure)
+        if cfg.harmonic.born and not Path(cfg.harmonic.born).is_absolute():
+            cfg.harmonic.born = str(base / cfg.harmonic.born)
+        cfg.check(where)
+        return cfg
+
+    @classmethod
+    def load(cls, path) -> "OtfConfig":
+        path = Path(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, path)
+
+    def check(self, where: str):
+        from ..model.posterior import ErrorThreshold
+        try:
+            ErrorThreshold.parse(self.loop.threshold)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: [loop] threshold: {exc}") from None
+        if self.loop.threshold_mode not in ("absolute", "relative"):
+            raise ConfigError(f"{where}: [loop] threshold_mode must be 'absolute' or 'relative'")
+        temps = [float(t) for t in self.loop.temperatures]
+        if not temps or any(t <= 0 for t in temps) or temps != sorted(temps):
+            raise ConfigError(f"{where}: [loop] temperatures must be positive and increasing, got {temps}")
+        bad = [p for p in self.md.phases if p not in ("R", "O", "T", "C")]
+        if bad or not self.md.phases:
+            raise ConfigError(f"{where}: [md] phases must be among R, O, T, C; got {self.md.phases}")
+        for name in ("steps", "trajectory_stride"):
+            if int(getattr(self.md, name)) < 1:
+                raise ConfigError(f"{where}: [md] {name} must be >= 1")
+        if int(self.label.workers) < 1:
+            raise ConfigError(f"{where}: [label] workers must be >= 1")

@@ -1,0 +1,457 @@
+"""The on-the-fly loop (paper's Fig. 8): harmonic part and phonon-derived training set from the oracle, then at each
+temperature MD -> flag -> label -> refit until no frame is flagged, then the next temperature.
+
+Everything lives in the run folder, and the store (``store.db``) is the only truth about frames:
+
+    state.json        stage of the loop (setup | md | label | fit | done), temperature index, iteration, history
+    store.db          every frame: role train | validation, origin, temperature, iteration, phase, state
+    harmonic.h5       the harmonic model (reference + harmonic part, from the oracle)
+    pool.h5           the candidate anharmonic terms (coefficients zero)
+    stats.npz         the training statistics (Phi^T Phi, ...) and the store ids already in them
+    model.h5          the current model (the force server hot-reloads it); models/model_vN.h5 every version
+    md/T..._it../     the i-PI runs of one iteration, their traces (Bayesian error of every frame), queue.db
+    otf.log           one line per iteration;  report/  the figures (sp_server.otf.report)
+
+Each stage is idempotent, and the state is written atomically after it: a run killed at any moment (kill -9
+included) continues with ``sp-server otf CONFIG`` from the stage it was in; an interrupted MD is run again (its
+flagged frames reach the store in one transaction, once), claims of dead labelling processes are released,
+labelled frames are never labelled again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import ase.io
+import numpy as np
+from tqdm import tqdm
+
+from ..fit.bound import BoundSettings, bounding_coefficients, fit_bounded
+from ..fit.fit import (
+    FitReport,
+    QuantityScales,
+    TrainingSet,
+    add_structures,
+    fit_training_set,
+)
+from ..fit.generate import GeneratorSettings, generate_terms
+from ..fit.harmonic import HarmonicSettings, harmonic_from_oracle, read_phonopy_born
+from ..model.model import Model
+from ..model.native import load_model, save_model
+from ..model.posterior import ErrorThreshold
+from ..model.terms import AnharmonicPart
+from ..oracles import make_oracle
+from ..potential import Evaluator
+from ..store import Store
+from ..units import GPA_EV_A3
+from .config import OtfConfig
+from .label import LabelChecks, owner_name, run_worker
+from .md import MDJob, MDSettings, run_md
+from .structures import cubic_perovskite, initial_structures, polar_structure
+
+STAGES = ("setup", "md", "label", "fit", "done")
+
+
+def _write_json(path: Path, data):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class OnTheFly:
+    """The loop for one configuration.  ``run()`` goes on from wherever the run folder says it stopped."""
+
+    def __init__(self, config: OtfConfig, *, progress: bool = True, log: Optional[Callable] = None):
+        self.config = config
+        self.dir = Path(config.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self._print = log or print
+        self.store = Store(self.dir / "store.db", max_attempts=config.label.max_attempts)
+        self.state_path = self.dir / "state.json"
+        self.state = self._load_state()
+        self._oracle = None
+        self.threshold = ErrorThreshold.parse(config.loop.threshold)
+        if config.path is not None and not (self.dir / "config.toml").exists():
+            shutil.copy(config.path, self.dir / "config.toml")
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    def log(self, msg: str):
+        self._print(msg)
+        with open(self.dir / "otf.log", "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {msg}\n")
+
+    def _load_state(self) -> dict:
+        if self.state_path.exists():
+            with open(self.state_path) as fh:
+                return json.load(fh)
+        return {"stage": "setup", "t_index": -1, "iteration": 0, "model_version": 0, "history": [],
+                "oracle_calls": 0, "md_steps": 0, "wall_s": 0.0}
+
+    def _save_state(self, **changes):
+        self.state.update(changes)
+        _write_json(self.state_path, self.state)
+
+    @property
+    def oracle(self):
+        if self._oracle is None:
+            self._oracle = make_oracle(self.config.oracle, self.config.oracle_options)
+        return self._oracle
+
+    @property
+    def temperature(self) -> Optional[float]:
+        t = self.state["t_index"]
+        temps = self.config.loop.temperatures
+        return float(temps[t]) if 0 <= t < len(temps) else None
+
+    def _iteration_key(self) -> str:
+        if self.state["t_index"] < 0:
+            return "initial"
+        if self.temperature is None:
+            return "done"
+        return f"T{self.temperature:06.1f}_it{self.state['iteration']:02d}"
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self) -> Path:
+        """Run (or continue) the loop to the end; returns the final model's path."""
+        t_start = time.monotonic()
+        wall0 = float(self.state.get("wall_s", 0.0))
+        released = self.store.release_dead_claims()
+        if released:
+            self.log(f"resumed: {released} claim(s) of a stopped labelling process returned to pending")
+        if self.state["stage"] != "setup":
+            self.log(f"resuming at stage {self.state['stage']} ({self._iteration_key()})")
+        while self.state["stage"] != "done":
+            stage = self.state["stage"]
+            if stage == "setup":
+                self.setup()
+                self._save_state(stage="label")
+            elif stage == "md":
+                self.md_stage()
+                self._save_state(stage="label")
+            elif stage == "label":
+                self.label_stage()
+                self._save_state(stage="fit")
+            elif stage == "fit":
+                self.fit_stage()
+            self._save_state(wall_s=wall0 + time.monotonic() - t_start)
+        from .report import write_report
+        report = write_report(self.dir)
+        self.log(f"done: model {self.dir / 'model.h5'} (version {self.state['model_version']}); report {report}")
+        return self.dir / "model.h5"
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self):
+        cfg = self.config
+        harmonic_path = self.dir / "harmonic.h5"
+        if not harmonic_path.exists():
+            if cfg.system.structure == "BaTiO3":
+                atoms = cubic_perovskite(cfg.system.a)
+            else:
+                atoms = ase.io.read(cfg.system.structure)
+            hs = HarmonicSettings(supercell=tuple(cfg.harmonic.supercell), displacement=cfg.harmonic.displacement,
+                                  strain_step=cfg.harmonic.strain_step, relax_lattice=cfg.harmonic.relax_lattice)
+            born = read_phonopy_born(cfg.harmonic.born, atoms) if cfg.harmonic.born else None
+            self.log(f"harmonic part from the oracle {cfg.oracle} on a {hs.mesh()} supercell")
+            harmonic = harmonic_from_oracle(atoms, self.oracle, hs, born=born, name="otf",
+                                            log=lambda m: self.log(f"  {m}"))
+            save_model(harmonic, harmonic_path)
+            calls = int(harmonic.metadata["n_oracle_calls"])
+            self._save_state(harmonic_calls=calls, oracle_calls=calls)
+        harmonic = load_model(harmonic_path)
+        a0 = float(np.cbrt(harmonic.reference.volume))
+        pool_path = self.dir / "pool.h5"
+        if not pool_path.exists():
+            t = cfg.terms
+            gs = GeneratorSettings(cutoff=t.cutoff_factor * a0, orders=tuple(t.orders), max_bodies=t.max_bodies,
+                                   strain_phonon=t.strain_phonon, strain_powers=tuple(t.strain_powers),
+                                   sp_orders=tuple(t.sp_orders), pure_strain=tuple(t.pure_strain))
+            pool = generate_terms(harmonic.reference, gs, progress=self.progress)
+            bounding = bounding_coefficients(harmonic)
+            self.log(f"{len(pool)} candidate terms (cutoff {gs.cutoff:.3f} A = {t.cutoff_factor} a0) + "
+                     f"{len(bounding)} bounding terms (held fixed when needed)")
+            pool = pool + bounding
+            save_model(Model(harmonic.reference, harmonic.harmonic, AnharmonicPart(pool, np.zeros(len(pool))),
+                             name="pool", metadata={"generator": asdict(gs), "n_bounding": len(bounding)}),
+                       pool_path)
+        if not self.store.has_run("initial"):
+            ini = cfg.initial
+            mesh = tuple(cfg.md.supercell)
+            frames = initial_structures(harmonic, mesh, ini.amplitudes, ini.modes_per_q * int(np.prod(mesh)),
+                                        ini.strains, ini.mixed, ini.seed)
+            # a few of them (every 8th) are kept for validation only
+            rows = [(atoms, dict(meta, role="validation" if k % 8 == 7 else "train", temperature=0.0,
+                                 iteration=-1, phase="")) for k, (atoms, meta) in enumerate(frames)]
+            self.store.add_many(rows, run="initial")
+            self.log(f"initial set: {len(rows)} phonon-derived structures (frozen phonons of the "
+                     f"{ini.modes_per_q * int(np.prod(mesh))} lowest modes at the commensurate q of {mesh}, strains, "
+                     f"mixtures) queued for labelling")
+
+    # ------------------------------------------------------------------------------------------------ MD
+    def md_stage(self):
+        cfg = self.config
+        key = self._iteration_key()
+        if self.store.has_run(key):
+            return  # this MD finished and its frames are in the store: nothing to redo
+        folder = self.dir / "md" / key
+        if folder.exists():  # an interrupted run of this MD: start it again from scratch
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        model = load_model(self.dir / "model.h5")
+        mesh = tuple(cfg.md.supercell)
+        T = self.temperature
+        jobs = [MDJob(ph, polar_structure(model, mesh, ph, cfg.md.polar_displacement), folder / ph, T,
+                      int(cfg.md.steps), seed=1000 * self.state["t_index"] + 10 * self.state["iteration"] + k + 1)
+                for k, ph in enumerate(cfg.md.phases)]
+        settings = MDSettings(cfg.md.timestep_fs, cfg.md.pressure_gpa, cfg.md.thermostat_tau_fs,
+                              cfg.md.barostat_tau_fs, cfg.md.trajectory_stride, cfg.md.timeout_s)
+        threshold = self._current_threshold()
+        total = len(jobs) * (int(cfg.md.steps) + 1)
+        bar = tqdm(total=total, desc=f"MD {T:g} K it {self.state['iteration']}", unit="step",
+                   disable=not self.progress, file=sys.stderr)
+
+        def progress(n):
+            bar.update(n - bar.n)
+        try:
+            outcomes = run_md(self.dir / "model.h5", jobs, str(folder / "queue.db"), threshold, settings, progress)
+        finally:
+            bar.close()
+        for o in outcomes:
+            if o.status != "done":
+                self.log(f"  MD {o.name} at {T:g} K: {o.status} after {o.frames} frames {o.message}".rstrip())
+        # flagged frames: the largest errors first, at most the cap; untrusted frames always
+        rows = [] if not (folder / "queue.db").exists() else Store(folder / "queue.db").rows(state="pending")
+        q = f"err_{threshold.quantity}"
+        # untrusted frames (far outside the data: exploded MD) are not labelled; the frame where each such
+        # excursion began is, first; then the local maxima with the largest errors, up to the cap
+        untrusted = [r for r in rows if str(r.get("reason", "")).startswith("untrusted")]
+        entries = [r for r in rows if str(r.get("reason", "")).startswith("entry")]
+        maxima = sorted((r for r in rows if str(r.get("reason", "")).startswith("local maximum")),
+                        key=lambda r: -float(r.get(q, 0.0)))
+        chosen = (entries + maxima)[: max(cfg.loop.max_labels_per_iteration, len(entries))]
+        phases = {k: j.name for k, j in enumerate(jobs)}
+        new = []
+        for r in chosen:
+            meta = {"role": "train", "origin": "md", "temperature": T, "iteration": self.state["iteration"],
+                    "phase": phases.get(int(r.get("connection", -1)), ""), "md_frame": int(r.get("frame", -1)),
+                    "reason": str(r.get("reason", "")), "model_version": int(r.get("model_version", 0)),
+                    q: float(r.get(q, np.nan))}
+            new.append((r.toatoms(), meta))
+        # validation frames: random frames of the second half of each trajectory, never trained on
+        rng = np.random.default_rng(7919 * (self.state["t_index"] + 1) + self.state["iteration"])
+        for job in jobs:
+            traj = job.directory / "md.pos_0.extxyz"
+            if cfg.loop.validation_per_md <= 0 or not traj.exists():
+                continue
+            try:
+                frames = ase.io.read(traj, index=":")
+            except Exception as exc:
+                self.log(f"  {traj}: cannot read the trajectory ({exc}); no validation frame from it")
+                continue
+            late = frames[len(frames) // 2:]
+            for idx in rng.choice(len(late), size=min(cfg.loop.validation_per_md, len(late)), replace=False):
+                atoms = late[int(idx)]
+                atoms.calc = None
+                new.append((atoms, {"role": "validation", "origin": "md", "temperature": T,
+                                    "iteration": self.state["iteration"], "phase": job.name}))
+        # the traces: max error and steps of this iteration
+        max_err, steps = self._trace_summary(folder)
+        n_flag = len(chosen)
+        record = {"key": key, "temperature": T, "iteration": self.state["iteration"], "flagged": len(rows),
+                  "selected": n_flag, "untrusted": len(untrusted), "max_error": max_err, "md_steps": steps,
+                  "md_status": {o.name: o.status for o in outcomes}}
+        # one transaction, once (a restart after this point finds the run in the store; an empty batch is simply
+        # redone: it added nothing)
+        self.store.add_many(new, run=key)
+        _write_json(folder / "summary.json", record)
+        self._save_state(md_steps=self.state["md_steps"] + steps, pending_record=record)
+
+    def _trace_summary(self, folder: Path) -> tuple[float, int]:
+        q = self.threshold.quantity
+        max_err, steps = 0.0, 0
+        for trace in sorted((folder / "traces").glob("trace_*.csv")) if (folder / "traces").exists() else []:
+            data = np.genfromtxt(trace, delimiter=",", names=True, skip_header=1)
+            data = np.atleast_1d(data)
+            if data.size == 0:
+                continue
+            steps += int(data.size)
+            values = data[f"err_{q}"]
+            if np.any(np.isfinite(values)):
+                max_err = max(max_err, float(np.nanmax(values)))
+        return max_err, steps
+
+    def _current_threshold(self) -> ErrorThreshold:
+        if self.config.loop.threshold_mode == "absolute":
+            return self.threshold
+        rel = float(self.state.get("training_median_error", 0.0))
+        return ErrorThreshold(self.threshold.quantity, self.threshold.value * rel)
+
+    # ------------------------------------------------------------------------------------------------ labelling
+    def label_stage(self):
+        cfg = self.config
+        pending = self.store.counts()["pending"]
+        if pending == 0:
+            return
+        t0 = time.monotonic()
+        before = self.store.counts()["labeled"]
+        if cfg.label.workers > 1:
+            self._label_mpi()
+        else:
+            run_worker(self.store, self.oracle, owner=owner_name("otf"),
+                       checks=LabelChecks(max_force=cfg.label.max_force), lease_seconds=cfg.label.lease_s,
+                       progress=self.progress, log=lambda m: self.log(f"  {m}"))
+        counts = self.store.counts()
+        labeled = counts["labeled"] - before
+        # oracle calls: the harmonic part's + one per labelled or failed frame in the store (so a labelling process
+        # killed half-way is counted right on resume)
+        self._save_state(oracle_calls=int(self.state.get("harmonic_calls", 0)) + counts["labeled"] + counts["failed"])
+        self.log(f"  labelled {labeled} frame(s) in {time.monotonic() - t0:.1f} s with {cfg.oracle}; "
+                 f"{counts['failed']} failed in all, {counts['pending']} pending")
+        if counts["pending"]:
+            raise RuntimeError(f"{counts['pending']} frame(s) are still pending after labelling (see otf.log); "
+                               "run sp-server otf again to retry them")
+
+    def _label_mpi(self):
+        cfg = self.config
+        if cfg.path is None:
+            raise ValueError("[label] workers > 1 needs the configuration file (its [oracle] table)")
+        cmd = [cfg.label.mpiexec, "-n", str(cfg.label.workers), sys.executable, "-m", "sp_server.cli.main",
+               "label", str(self.dir / "store.db"), "--oracle", cfg.oracle, "--oracle-config", str(cfg.path),
+               "--max-force", str(cfg.label.max_force), "--max-attempts", str(cfg.label.max_attempts),
+               "--lease", str(cfg.label.lease_s)]
+        if not self.progress:
+            cmd.append("--no-progress")
+        self.log("  " + " ".join(cmd))
+        subprocess.run(cmd, check=False)
+
+    # ------------------------------------------------------------------------------------------------ refit
+    def fit_stage(self):
+        cfg = self.config
+        t0 = time.monotonic()
+        harmonic = load_model(self.dir / "harmonic.h5")
+        pool_model = load_model(self.dir / "pool.h5")
+        pool = pool_model.anharmonic.coefficients
+        n_bound = int(pool_model.metadata.get("n_bounding", 0))
+        bounding = list(range(len(pool) - n_bound, len(pool)))
+        ts = TrainingSet(harmonic, pool, QuantityScales(cfg.fit.energy_scale, cfg.fit.force_scale,
+                                                         cfg.fit.stress_scale))
+        stats_path = self.dir / "stats.npz"
+        ids = set()
+        if stats_path.exists():
+            ids = set(int(i) for i in ts.load(stats_path).get("ids", []))
+        rows = [r for r in self.store.rows(state="labeled", role="train") if r.id not in ids]
+        report = FitReport()
+        if rows:
+            structures = [(f"store id={r.id}", r.toatoms()) for r in rows]
+            added = add_structures(ts, structures, report, progress=self.progress, log=lambda m: self.log(f"  {m}"))
+            for label, reason in report.skipped:  # an unusable frame is taken out for good, with its reason
+                self.store.exclude(int(label.split("=")[1]), f"not usable for the fit: {reason}")
+            ids |= {r.id for r in rows}
+            ts.save(stats_path, ids=np.array(sorted(ids), dtype=int))
+            del added
+        version = self.state["model_version"] + 1
+        bounded = None
+        if cfg.fit.bound:
+            hot = cfg.fit.bound_temperature or max(300.0, 2.0 * max(cfg.loop.temperatures))
+            model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, bounding=bounding, name="otf",
+                                               version=version, report=report, log=lambda m: self.log(f"  {m}"),
+                                               settings=BoundSettings(md_temperature=float(hot)))
+            bounded = bound.bounded
+        else:
+            model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, name="otf", report=report,
+                                             version=version, fixed={j: 0.0 for j in bounding})
+        model.metadata["otf"] = {"iteration": self._iteration_key(), "n_train": ts.n_structures,
+                                 "bounded": bounded}
+        model.metadata["ready"] = bool(bounded) if bounded is not None else True
+        save_model(model, self.dir / "models" / f"model_v{version:03d}.h5")
+        save_model(model, self.dir / "model.h5")  # atomic: the server hot-reloads it
+        val = self.validation_rmse(model)
+        extra = {}
+        if cfg.loop.threshold_mode == "relative":
+            extra["training_median_error"] = self._training_median_error(model)
+        record = dict(self.state.pop("pending_record", None) or {"key": self._iteration_key(), "flagged": None})
+        record.update({"model_version": version, "n_train": ts.n_structures, "n_selected": len(model.anharmonic),
+                       "rmse_train": report.rmse, "rmse_validation": val, "sigma_v": report.sigma_v,
+                       "labels": self.store.counts(role="train")["labeled"], "fit_s": time.monotonic() - t0,
+                       "oracle_calls": self.state["oracle_calls"], "md_steps_total": self.state["md_steps"]})
+        history = self.state["history"] + [record]
+        self.log(self._line(record))
+        # what next: repeat this temperature while frames are flagged (up to the cap), else the next one
+        t_index, it = self.state["t_index"], self.state["iteration"]
+        if t_index < 0:
+            t_index, it = 0, 0
+        elif record.get("selected", 0) and it + 1 < cfg.loop.max_iterations_per_temperature:
+            it += 1
+        else:
+            if record.get("selected", 0):
+                self.log(f"  {self.temperature:g} K: still {record['selected']} flagged frame(s) after "
+                         f"{it + 1} iterations (max_iterations_per_temperature); going on to the next temperature")
+            t_index, it = t_index + 1, 0
+        stage = "done" if t_index >= len(cfg.loop.temperatures) else "md"
+        self._save_state(stage=stage, t_index=t_index, iteration=it, model_version=version, history=history,
+                         **extra)
+
+    def _line(self, r: dict) -> str:
+        val = r.get("rmse_validation") or {}
+        v = (f"val RMSE E {val['energy_mev_per_cell']:.2f} meV/cell F {val['forces']:.3f} eV/A S "
+             f"{val['stress_gpa']:.3f} GPa (n={val['n']})") if val.get("n") else "val RMSE -"
+        if r["key"] == "initial":
+            head = "initial fit        "
+        else:
+            head = f"T {r['temperature']:6.1f} K  it {r['iteration']:2d}"
+        flagged = "" if r.get("flagged") is None else (
+            f"flagged {r['flagged']:3d} (labelled {r['selected']:3d})  max err {self.threshold.quantity} "
+            f"{r['max_error']:.3f}  ")
+        return (f"{head}  {flagged}train {r['n_train']:4d}  {v}  model v{r['model_version']}  "
+                f"[{r['fit_s']:.1f} s fit]")
+
+    def validation_rmse(self, model: Model) -> dict:
+        """RMSE on the labelled validation frames: energy meV per reference cell (after removing nothing: the
+        reference energy is the oracle's), forces eV/A, stress GPa; n = number of frames."""
+        ev = Evaluator(model)
+        de, df, ds = [], [], []
+        for r in self.store.rows(state="labeled", role="validation"):
+            atoms = r.toatoms()
+            try:
+                res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers)
+            except ValueError as exc:
+                self.log(f"  validation frame id={r.id}: {exc}")
+                continue
+            ncell = len(atoms) / model.natoms
+            de.append(1000 * (res.energy - atoms.get_potential_energy()) / ncell)
+            df.append((res.forces - atoms.get_forces()).ravel())
+            ds.append((res.stress - atoms.get_stress()) / GPA_EV_A3)
+        if not de:
+            return {"n": 0}
+        def rms(x):
+            return float(np.sqrt(np.mean(np.concatenate([np.atleast_1d(v) for v in x]) ** 2)))
+        return {"n": len(de), "energy_mev_per_cell": rms(de), "forces": rms(df), "stress_gpa": rms(ds)}
+
+    def _training_median_error(self, model: Model) -> float:
+        ev = Evaluator(model)
+        q = self.threshold.quantity
+        values = []
+        for r in self.store.rows(state="labeled", role="train"):
+            atoms = r.toatoms()
+            try:
+                values.append(ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, errors=True).errors[q])
+            except ValueError:
+                continue
+        return float(np.median(values)) if values else 0.0
+
+
+def run_otf(config_path, *, progress: bool = True) -> Path:
+    """`sp-server otf CONFIG.toml`: run or continue the loop; returns the final model's path."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    return OnTheFly(OtfConfig.load(config_path), progress=progress).run()

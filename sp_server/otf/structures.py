@@ -1,0 +1,140 @@
+"""Structures of the on-the-fly loop: the cubic reference, frozen-phonon initial training set, polar starting phases.
+
+All built from a model's harmonic part (eV, Angstrom, amu): the frozen phonons are eigenvectors of the
+mass-weighted force-constant matrix of the MD supercell (i.e. the phonons at its commensurate q-points), the
+polar phases follow the model's lowest zone-centre optical mode.  A configuration (u, eta) becomes a cell
+x = (1 + eps(eta)) (R + tau + u), eps symmetric (the model's own strain convention).
+"""
+from __future__ import annotations
+
+import numpy as np
+from ase import Atoms
+
+from ..model.mapping import matrix_from_voigt
+from ..model.model import Model
+from ..potential import SupercellPotential
+
+PHASE_DIRECTIONS = {"R": (1, 1, 1), "O": (1, 1, 0), "T": (0, 0, 1), "C": (0, 0, 0)}
+
+
+def cubic_perovskite(a: float, symbols=("Ba", "Ti", "O")) -> Atoms:
+    """ABO3 in Pm-3m: A at the origin, B at the centre, X at the face centres; a in Angstrom."""
+    A, B, X = symbols
+    return Atoms([A, B, X, X, X], scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5),
+                                                     (0, 0.5, 0.5)], cell=np.eye(3) * a, pbc=True)
+
+
+def configuration(model: Model, mesh, u: np.ndarray, eta=np.zeros(6)) -> Atoms:
+    """Atoms of the supercell ``mesh`` with displacements u ((n1,n2,n3,nat,3) or (N,3), A) and strain eta."""
+    mesh = tuple(int(n) for n in mesh)
+    sc = model.supercell(mesh)
+    F = np.eye(3) + matrix_from_voigt(np.asarray(eta, dtype=float))
+    atoms = sc.copy()
+    atoms.set_cell(sc.cell.array @ F.T, scale_atoms=False)
+    atoms.positions = (sc.positions + np.asarray(u, dtype=float).reshape(-1, 3)) @ F.T
+    return atoms
+
+
+def _hessian(model: Model, mesh) -> np.ndarray:
+    """d2E/du du of the harmonic part on the supercell, (3N, 3N) eV/A^2: the harmonic forces are exactly linear in
+    u, so the matrix is read off column by column."""
+    mesh = tuple(int(n) for n in mesh)
+    pot = SupercellPotential(model, mesh, parts=("short_range", "dipole_dipole"))
+    shape = mesh + (model.natoms, 3)
+    n3 = int(np.prod(shape))
+    eta = np.zeros(6)
+    g0 = pot.evaluate(np.zeros(shape), eta).grad_u.reshape(-1)
+    hess = np.empty((n3, n3))
+    for col in range(n3):
+        u = np.zeros(n3)
+        u[col] = 1.0
+        hess[:, col] = pot.evaluate(u.reshape(shape), eta).grad_u.reshape(-1) - g0
+    return 0.5 * (hess + hess.T)
+
+
+def supercell_modes(model: Model, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Frequencies^2 (eV/A^2/amu; negative = unstable) and displacement patterns (nmodes, N, 3) of the harmonic
+    part on the supercell (= the phonons at its commensurate q-points), the three uniform translations removed,
+    sorted from the lowest."""
+    hess = _hessian(model, mesh)
+    ntot = hess.shape[0] // 3
+    masses = np.repeat(np.tile(model.reference.masses, ntot // model.natoms), 3)
+    w2, vec = np.linalg.eigh(hess / np.sqrt(np.outer(masses, masses)))
+    # drop the translations: the eigenvectors with the largest overlap with sqrt(m) e_alpha
+    trans = np.zeros((3, 3 * ntot))
+    for alpha in range(3):
+        trans[alpha, alpha::3] = np.sqrt(masses[alpha::3])
+    trans /= np.linalg.norm(trans, axis=1)[:, None]
+    overlap = ((trans @ vec) ** 2).sum(axis=0)
+    keep = np.sort(np.argsort(-overlap)[3:])
+    patterns = (vec[:, keep] / np.sqrt(masses)[:, None]).T.reshape(-1, ntot, 3)
+    return w2[keep], patterns
+
+
+def polar_patterns(model: Model) -> np.ndarray:
+    """(3, nat): per-atom amplitudes of the lowest zone-centre optical mode polarised along x, y, z (the soft mode
+    of a cubic perovskite), from the alpha-alpha blocks of the Gamma force constants with the translation
+    projected out; each normalised to max 1, with one common sign convention (the atom that moves most in all
+    three directions, the B cation in a perovskite, moves along +alpha)."""
+    hess = _hessian(model, (1, 1, 1))
+    m = model.reference.masses
+    nat = model.natoms
+    t = np.sqrt(m) / np.linalg.norm(np.sqrt(m))
+    proj = np.eye(nat) - np.outer(t, t)
+    out = np.empty((3, nat))
+    for alpha in range(3):
+        block = hess[alpha::3, alpha::3] / np.sqrt(np.outer(m, m))
+        w2, vec = np.linalg.eigh(proj @ block @ proj + 1e6 * np.outer(t, t))  # translation pushed to the top
+        p = vec[:, 0] / np.sqrt(m)
+        out[alpha] = p / np.abs(p).max()
+    ref = int(np.argmax(np.abs(out).min(axis=0)))
+    out *= np.sign(out[:, ref])[:, None]
+    return out
+
+
+def polar_structure(model: Model, mesh, phase: str, amplitude: float) -> Atoms:
+    """The supercell with the soft-mode pattern along the phase's polar direction (R 111, O 110, T 001, C none);
+    ``amplitude``: largest atomic displacement, A."""
+    d = np.asarray(PHASE_DIRECTIONS[phase], dtype=float)
+    if np.linalg.norm(d) > 0:
+        d = d / np.linalg.norm(d)
+    u_cell = polar_patterns(model).T * d[None, :]
+    if np.abs(u_cell).max() > 0:
+        u_cell *= amplitude / np.linalg.norm(u_cell, axis=1).max()
+    u = np.broadcast_to(u_cell, tuple(int(n) for n in mesh) + u_cell.shape)
+    return configuration(model, mesh, u)
+
+
+def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixed: int, seed: int = 0) -> list:
+    """The phonon-derived initial training set: [(Atoms, meta)].
+
+    - frozen phonons: the ``modes`` lowest supercell modes (unstable ones first; in practice the soft polar and
+      the zone-boundary rotation/antipolar modes) at each amplitude (largest displacement, A);
+    - homogeneous strains of the unit cell: +-s on each Voigt component for each magnitude s;
+    - ``mixed`` random combinations of the low modes (random weights, largest displacement up to the largest
+      amplitude) with a random strain up to the largest magnitude, on the supercell."""
+    rng = np.random.default_rng(seed)
+    out = []
+    w2, patterns = supercell_modes(model, mesh)
+    low = patterns[:modes]
+    for m, p in enumerate(low):
+        p = p / np.abs(p).max()
+        for amp in amplitudes:
+            out.append((configuration(model, mesh, amp * p), {"origin": "phonon", "mode": m,
+                                                             "omega2": float(w2[m]), "amplitude": float(amp)}))
+    for s in strains:
+        for v in range(6):
+            for sign in (1, -1):
+                eta = np.zeros(6)
+                eta[v] = sign * s
+                out.append((configuration(model, (1, 1, 1), np.zeros((model.natoms, 3)), eta),
+                            {"origin": "strain", "voigt": v, "strain": float(sign * s)}))
+    amax = max(amplitudes) if len(amplitudes) else 0.1
+    smax = max(strains) if len(strains) else 0.01
+    for k in range(mixed):
+        weights = rng.normal(size=len(low))
+        u = np.tensordot(weights, low, axes=1)
+        u *= rng.uniform(0.3, 1.0) * amax / np.abs(u).max()
+        eta = rng.uniform(-smax, smax, size=6)
+        out.append((configuration(model, mesh, u, eta), {"origin": "mixed", "index": k}))
+    return out

@@ -1,0 +1,42 @@
+"""The loop's TOML configuration: defaults, relative paths, and errors that name the file, section and key."""
+from pathlib import Path
+
+import pytest
+
+from sp_server.otf.config import ConfigError, OtfConfig
+
+
+def write(tmp_path, text) -> Path:
+    path = tmp_path / "otf.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    cfg = OtfConfig.load(write(tmp_path, 'run_dir = "out"\n[oracle]\nname = "abinit"\necut_ha = 12\n'
+                                         '[system]\nstructure = "cell.cif"\n[md]\ntimestep_fs = 2\n'))
+    assert cfg.run_dir == (tmp_path / "out").resolve()
+    assert cfg.oracle == "abinit" and cfg.oracle_options == {"ecut_ha": 12}
+    assert cfg.system.structure == str(tmp_path.resolve() / "cell.cif")
+    assert cfg.md.timestep_fs == 2.0 and isinstance(cfg.md.timestep_fs, float)   # an int is a float here
+    assert cfg.loop.temperatures == [15, 50, 100, 150, 200, 250, 300]               # the paper's ramp
+    assert cfg.md.steps == 1000 and cfg.md.phases == ["R", "O", "T"] and cfg.terms.select == 96
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[loop]\ntemprature = [10]\n", r"unknown key 'temprature' in \[loop\]"),
+    ("[mdd]\nsteps = 3\n", r"unknown section \[mdd\]"),
+    ("[md]\nsteps = \"many\"\n", r"\[md\] steps must be int, got 'many'"),
+    ("[md]\nphases = \"R\"\n", r"\[md\] phases must be list"),
+    ("[loop]\ntemperatures = [300, 15]\n", "positive and increasing"),
+    ("[loop]\nthreshold = \"force=0.1\"\n", r"\[loop\] threshold"),
+    ("[loop]\nthreshold_mode = \"adaptive\"\n", "absolute' or 'relative'"),
+    ("[md]\nphases = [\"R\", \"X\"]\n", "among R, O, T, C"),
+    ("[oracle]\necut_ha = 10\n", r"\[oracle\] needs name"),
+    ("[md\nsteps = 3\n", "not valid TOML"),
+])
+def test_bad_configuration_names_what_is_wrong(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as err:
+        OtfConfig.load(path)
+    assert str(path) in str(err.value)

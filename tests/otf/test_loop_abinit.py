@@ -1,0 +1,78 @@
+"""The loop with ABINIT as the oracle (LDA PseudoDojo, low cutoff): harmonic part, initial set, one full MD ->
+flag -> label -> refit iteration on the 5-atom cell.  Minutes; marked slow (the README's test command runs it)."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sp_server.otf.config import OtfConfig
+from sp_server.otf.loop import OnTheFly
+from sp_server.store import Store
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("abinit") is None or not os.path.exists("/usr/bin/mpirun"),
+                                 reason="needs ABINIT and Open MPI's mpirun (apt-get install abinit)")]
+
+CONFIG = """
+run_dir = "run"
+[oracle]
+name = "abinit"
+xc = "LDA"
+ecut_ha = 15.0
+ecutsm_ha = 0.5
+ngkpt = [2, 2, 2]
+nstep = 40
+tolvrs = 1e-8
+ranks = 2
+[system]
+a = 3.95
+[harmonic]
+supercell = [1, 1, 1]
+[terms]
+orders = [3, 4]
+select = 8
+[initial]
+amplitudes = [0.05, 0.1]
+modes_per_q = 2
+strains = [0.01]
+mixed = 2
+[md]
+supercell = [1, 1, 1]
+phases = ["R"]
+steps = 120
+trajectory_stride = 10
+timeout_s = 300
+[loop]
+temperatures = [100]
+threshold = "force_max=0.0005"
+max_labels_per_iteration = 2
+max_iterations_per_temperature = 1
+validation_per_md = 1
+[fit]
+bound_temperature = 300
+"""
+
+
+def test_loop_with_abinit(tmp_path):
+    path = tmp_path / "otf.toml"
+    path.write_text(CONFIG)
+    lines = []
+    model = OnTheFly(OtfConfig.load(path), progress=False, log=lines.append).run()
+    run = Path(model).parent
+    state = json.loads((run / "state.json").read_text())
+    assert state["stage"] == "done"
+    keys = [h["key"] for h in state["history"]]
+    assert keys == ["initial", "T0100.0_it00"], keys
+    md = state["history"][1]
+    assert md["selected"] >= 1 and md["md_steps"] > 0          # flagged frames were labelled by ABINIT
+    store = Store(run / "store.db")
+    counts = store.counts()
+    assert counts["pending"] == 0 and counts["claimed"] == 0 and counts["labeled"] >= 16 + 1
+    md_labels = [r for r in store.rows(state="labeled") if r.get("origin") == "md"]
+    assert len(md_labels) >= 2                                  # flagged + validation frames from the MD
+    assert all(len(r.toatoms()) == 5 and r.toatoms().get_stress().shape == (6,) for r in md_labels)
+    assert state["history"][1]["rmse_validation"]["n"] >= 3
+    assert (run / "report" / "fig2_parity.png").stat().st_size > 0
+    assert any("labelled" in ln and "abinit" in ln for ln in lines)

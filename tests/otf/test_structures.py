@@ -1,0 +1,75 @@
+"""Structures of the loop: supercell phonons, frozen-phonon initial set, polar starting phases (toy perovskite)."""
+import numpy as np
+import pytest
+
+from sp_server.model.mapping import matrix_from_voigt
+from sp_server.model.toy import toy_perovskite
+from sp_server.otf.structures import (
+    initial_structures,
+    polar_structure,
+    supercell_modes,
+)
+from sp_server.potential import SupercellPotential
+
+
+@pytest.fixture(scope="module")
+def model():
+    return toy_perovskite()
+
+
+def test_supercell_modes_are_the_commensurate_phonons(model):
+    mesh = (2, 2, 2)
+    w2, patterns = supercell_modes(model, mesh)
+    n = 8 * model.natoms
+    assert w2.shape == (3 * n - 3,) and patterns.shape == (3 * n - 3, n, 3)
+    assert np.all(np.diff(w2) >= -1e-9)
+    # the toy's soft polar mode is unstable and its Gamma pattern is uniform over the cells
+    assert w2[0] < 0
+    # each pattern is an eigenvector: the harmonic energy along it is 1/2 w2 |sqrt(m) p|^2 (exactly quadratic)
+    pot = SupercellPotential(model, mesh, parts=("short_range", "dipole_dipole"))
+    masses = np.tile(model.reference.masses, 8)
+    e0 = pot.evaluate(np.zeros(mesh + (model.natoms, 3)), np.zeros(6)).energy
+    for k in (0, 5, 20):
+        p = patterns[k] * 0.01
+        e = pot.evaluate(p.reshape(mesh + (model.natoms, 3)), np.zeros(6)).energy - e0
+        assert e == pytest.approx(0.5 * w2[k] * np.sum(masses[:, None] * p ** 2), rel=1e-6, abs=1e-12)
+    # no pattern moves the centre of mass (translations removed)
+    com = np.einsum("i,kij->kj", masses, patterns)
+    assert np.abs(com).max() < 1e-8 * np.abs(patterns).max() * masses.sum()
+
+
+def test_initial_structures_amplitudes_strains_and_mixtures(model):
+    amps, strains = [0.05, 0.1], [0.01]
+    frames = initial_structures(model, (2, 2, 2), amps, modes=3, strains=strains, mixed=4, seed=1)
+    kinds = [meta["origin"] for _, meta in frames]
+    assert kinds.count("phonon") == 6 and kinds.count("strain") == 12 and kinds.count("mixed") == 4
+    ref = model.supercell((2, 2, 2))
+    for atoms, meta in frames:
+        if meta["origin"] == "phonon":
+            d = atoms.positions - ref.positions
+            assert np.abs(d).max() == pytest.approx(meta["amplitude"], rel=1e-9)
+        if meta["origin"] == "strain":
+            assert len(atoms) == model.natoms
+            eta = np.zeros(6)
+            eta[meta["voigt"]] = meta["strain"]
+            cell = model.reference.cell @ (np.eye(3) + matrix_from_voigt(eta)).T
+            assert np.allclose(atoms.cell.array, cell, atol=1e-12)
+        if meta["origin"] == "mixed":
+            assert np.abs(atoms.positions - ref.positions).max() > 0
+
+
+@pytest.mark.parametrize("phase, direction", [("R", (1, 1, 1)), ("O", (1, 1, 0)), ("T", (0, 0, 1))])
+def test_polar_structures_point_along_their_axis(model, phase, direction):
+    atoms = polar_structure(model, (2, 2, 2), phase, 0.08)
+    ref = model.supercell((2, 2, 2))
+    d = atoms.positions - ref.positions
+    b = [i for i, s in enumerate(ref.get_chemical_symbols()) if s == ref.get_chemical_symbols()[1]]
+    ti = d[b]
+    assert np.allclose(ti, ti[0]) and np.linalg.norm(d, axis=1).max() == pytest.approx(0.08)
+    unit = np.array(direction, float) / np.linalg.norm(direction)
+    assert np.allclose(ti[0] / np.linalg.norm(ti[0]), unit, atol=1e-9)
+    # the polar distortion lowers the toy's energy (it has a double well)
+    from sp_server.calculator import SecondPrinciplesCalculator
+    atoms.calc = SecondPrinciplesCalculator(model)
+    ref.calc = SecondPrinciplesCalculator(model)
+    assert atoms.get_potential_energy() < ref.get_potential_energy()
