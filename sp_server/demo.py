@@ -54,9 +54,10 @@ a = 4.0
 [loop]
 temperatures = [15, 100, 200, 300]
 threshold = "force_max=0.1"
-max_labels_per_iteration = 16
-max_iterations_per_temperature = 3
+max_labels_per_iteration = 24
+max_iterations_per_temperature = 6
 validation_per_md = 1
+holdout_frames = 20
 
 [md]
 supercell = [2, 2, 2]

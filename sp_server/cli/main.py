@@ -99,7 +99,7 @@ def _generator_settings(args):
     from ..fit.generate import GeneratorSettings
     return GeneratorSettings(cutoff=args.cutoff, orders=tuple(args.orders), max_bodies=args.max_bodies,
                              strain_phonon=not args.no_strain_phonon, strain_powers=tuple(args.strain_powers),
-                             sp_orders=tuple(args.sp_orders))
+                             sp_orders=tuple(args.sp_orders), even_top_order=args.even_top_order)
 
 
 def _cmd_fit(args):
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cutoff", type=float, default=2.89, help="generate: pair cutoff, A (default 2.89)")
     f.add_argument("--orders", type=int, nargs="+", default=[3, 4, 5, 6], help="generate: displacement orders")
     f.add_argument("--max-bodies", type=int, default=2, help="generate: distinct differences per term (default 2)")
+    f.add_argument("--even-top-order", action="store_true",
+                   help="generate: at the highest order keep only products of even powers (x^6, x^4 y^2), the "
+                        "only ones a positive coefficient makes bounded")
     f.add_argument("--no-strain-phonon", action="store_true", help="generate: no strain-phonon terms")
     f.add_argument("--strain-powers", type=int, nargs="+", default=[1],
                    help="generate: strain powers of strain-phonon terms (default 1; 1 2 gives ~8x more terms)")

@@ -13,7 +13,8 @@ Which monomials
 * Pure displacement terms have total power in ``orders``; strain-phonon terms are a displacement monomial of total
   power in ``sp_orders`` times a strain monomial (any product of eta_1..eta_6) of total power in ``strain_powers``;
   pure strain terms are strain monomials of total power in ``pure_strain``.  ``even_only`` keeps even displacement
-  orders only (pure displacement and strain-phonon terms).
+  orders only (pure displacement and strain-phonon terms); ``even_top_order`` keeps, at the highest pure
+  displacement order, only products of even powers (the only ones a positive coefficient makes bounded).
 
 How (fast)
 ----------
@@ -65,6 +66,9 @@ class GeneratorSettings:
     sp_orders: tuple = (1, 2, 3, 4)  # displacement orders of strain-phonon terms (odd ones often vanish by symmetry)
     pure_strain: tuple = (3, 4)     # orders of pure strain terms (eta monomials)
     even_only: bool = False         # keep only even displacement orders
+    even_top_order: bool = False    # at the highest pure-displacement order keep only products of even powers
+                                    # (x^6, x^4 y^2, x^2 y^2 z^2): an odd-power product there (x^5 y, x^3 y^3)
+                                    # is unbounded along some direction whatever its sign
 
     def check(self):
         if not self.cutoff > 0:
@@ -396,8 +400,14 @@ def generate_terms(reference, settings: GeneratorSettings | None = None, *, ops=
     builder = _Builder(labels)
     out = []  # (disp order, strain order, nbodies, index, coefficient)
 
+    top = max(orders) if orders else None
+
     def add(dorder, sorder, nbodies, acc):
-        out.append((dorder, sorder, nbodies, len(out), builder.coefficient(acc)))
+        coef = builder.coefficient(acc)
+        if (settings.even_top_order and sorder == 0 and dorder == top
+                and any(d.power % 2 for d in coef.terms[0].displacements)):
+            return
+        out.append((dorder, sorder, nbodies, len(out), coef))
 
     seen: dict = {}
     orbits_by_order = {}

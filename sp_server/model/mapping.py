@@ -71,7 +71,10 @@ class Frame:
 
     @property
     def max_displacement(self) -> float:
-        return float(np.sqrt((self.u ** 2).sum(axis=-1)).max())
+        """Largest distance of an atom from its site, A, with the crystal's uniform translation (the mean of u,
+        which costs no energy: e.g. the centre-of-mass drift of an MD) taken out."""
+        d = self.u.reshape(-1, 3)
+        return float(np.sqrt(((d - d.mean(axis=0)) ** 2).sum(axis=-1)).max())
 
 
 class FrameMapper:

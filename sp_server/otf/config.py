@@ -55,9 +55,11 @@ class TermsConfig:
     orders: list = field(default_factory=lambda: [3, 4, 5, 6])
     max_bodies: int = 2
     strain_phonon: bool = True
-    strain_powers: list = field(default_factory=lambda: [1])
-    sp_orders: list = field(default_factory=lambda: [1, 2, 3])
+    strain_powers: list = field(default_factory=lambda: [1, 2])  # u^n eta and u^n eta^2 couplings: the second
+    sp_orders: list = field(default_factory=lambda: [1, 2])        # cut the held-out energy/stress errors of the
+                                                                   # CHGNet BaTiO3 model 4x/2.4x (see issue 7)
     pure_strain: list = field(default_factory=lambda: [3, 4])
+    even_top_order: bool = True   # highest order: only products of even powers (x^6, x^4 y^2), see fit.generate
     select: int = 96              # coefficients kept by forward selection at every refit (paper: 96)
 
 
@@ -67,6 +69,8 @@ class InitialConfig:
     modes_per_q: int = 2          # lowest (incl. unstable) modes per commensurate q-point of the MD supercell
     strains: list = field(default_factory=lambda: [0.005, 0.01, 0.02])  # homogeneous strain magnitudes
     mixed: int = 12               # random combinations of low modes and strains
+    polar_amplitudes: list = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25])  # A: the soft mode along
+                                  # 111, 110, 001 (the R, O, T wells, unit cell) at these largest displacements
     seed: int = 0
 
 
@@ -82,6 +86,10 @@ class MDConfig:
     polar_displacement: float = 0.08  # A, Ti displacement (O opposite, half) of the starting polar structures
     trajectory_stride: int = 20   # MD steps between saved frames (validation frames are drawn from them)
     timeout_s: float = 1800.0     # an MD that takes longer is stopped (its flagged frames are kept)
+    excursion_frames: int = 3     # an MD that leaves the trusted range: label the first frame of that excursion
+                                  # above the threshold and up to this many in all spread along it
+    label_max_displacement: float = 0.5  # A: flagged frames with an atom farther than this from its site are not
+                                  # labelled (far outside the expansion's range; they would spoil the fit)
 
 
 @dataclass
@@ -92,6 +100,8 @@ class LoopConfig:
     max_labels_per_iteration: int = 24  # cap: the flagged frames with the largest errors are labelled
     max_iterations_per_temperature: int = 6
     validation_per_md: int = 1    # frames per MD labelled for validation only (never trained on)
+    holdout_frames: int = 30      # at the end: frames of the last MD at the highest temperature labelled as the
+                                  # held-out set of the report (never trained on)
 
 
 @dataclass

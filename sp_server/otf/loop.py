@@ -57,7 +57,12 @@ from .label import LabelChecks, owner_name, run_worker
 from .md import MDJob, MDSettings, run_md
 from .structures import cubic_perovskite, initial_structures, polar_structure
 
-STAGES = ("setup", "md", "label", "fit", "done")
+STAGES = ("setup", "md", "label", "fit", "holdout", "done")
+
+
+def _fingerprint(atoms) -> bytes:
+    """Positions and cell rounded to 1e-5 A: the same frame read back from a file or the store."""
+    return np.round(atoms.positions, 5).tobytes() + np.round(atoms.cell.array, 5).tobytes()
 
 
 def _write_json(path: Path, data):
@@ -125,6 +130,10 @@ class OnTheFly:
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self) -> Path:
         """Run (or continue) the loop to the end; returns the final model's path."""
+        if self.state["stage"] == "done":
+            self.log(f"already done: model {self.dir / 'model.h5'} (version {self.state['model_version']}); "
+                     f"report {self.dir / 'report'} (sp-server otf CONFIG --report rewrites it)")
+            return self.dir / "model.h5"
         t_start = time.monotonic()
         wall0 = float(self.state.get("wall_s", 0.0))
         released = self.store.release_dead_claims()
@@ -145,6 +154,9 @@ class OnTheFly:
                 self._save_state(stage="fit")
             elif stage == "fit":
                 self.fit_stage()
+            elif stage == "holdout":
+                self.holdout_stage()
+                self._save_state(stage="done")
             self._save_state(wall_s=wall0 + time.monotonic() - t_start)
         from .report import write_report
         report = write_report(self.dir)
@@ -176,7 +188,8 @@ class OnTheFly:
             t = cfg.terms
             gs = GeneratorSettings(cutoff=t.cutoff_factor * a0, orders=tuple(t.orders), max_bodies=t.max_bodies,
                                    strain_phonon=t.strain_phonon, strain_powers=tuple(t.strain_powers),
-                                   sp_orders=tuple(t.sp_orders), pure_strain=tuple(t.pure_strain))
+                                   sp_orders=tuple(t.sp_orders), pure_strain=tuple(t.pure_strain),
+                                   even_top_order=bool(t.even_top_order))
             pool = generate_terms(harmonic.reference, gs, progress=self.progress)
             bounding = bounding_coefficients(harmonic)
             self.log(f"{len(pool)} candidate terms (cutoff {gs.cutoff:.3f} A = {t.cutoff_factor} a0) + "
@@ -189,14 +202,14 @@ class OnTheFly:
             ini = cfg.initial
             mesh = tuple(cfg.md.supercell)
             frames = initial_structures(harmonic, mesh, ini.amplitudes, ini.modes_per_q * int(np.prod(mesh)),
-                                        ini.strains, ini.mixed, ini.seed)
+                                        ini.strains, ini.mixed, ini.seed, polar_amplitudes=ini.polar_amplitudes)
             # a few of them (every 8th) are kept for validation only
             rows = [(atoms, dict(meta, role="validation" if k % 8 == 7 else "train", temperature=0.0,
                                  iteration=-1, phase="")) for k, (atoms, meta) in enumerate(frames)]
             self.store.add_many(rows, run="initial")
             self.log(f"initial set: {len(rows)} phonon-derived structures (frozen phonons of the "
-                     f"{ini.modes_per_q * int(np.prod(mesh))} lowest modes at the commensurate q of {mesh}, strains, "
-                     f"mixtures) queued for labelling")
+                     f"{ini.modes_per_q * int(np.prod(mesh))} lowest modes at the commensurate q of {mesh}, the soft mode "
+                     f"along 111/110/001, strains, mixtures) queued for labelling")
 
     # ------------------------------------------------------------------------------------------------ MD
     def md_stage(self):
@@ -215,7 +228,8 @@ class OnTheFly:
                       int(cfg.md.steps), seed=1000 * self.state["t_index"] + 10 * self.state["iteration"] + k + 1)
                 for k, ph in enumerate(cfg.md.phases)]
         settings = MDSettings(cfg.md.timestep_fs, cfg.md.pressure_gpa, cfg.md.thermostat_tau_fs,
-                              cfg.md.barostat_tau_fs, cfg.md.trajectory_stride, cfg.md.timeout_s)
+                              cfg.md.barostat_tau_fs, cfg.md.trajectory_stride, cfg.md.timeout_s,
+                              cfg.md.excursion_frames)
         threshold = self._current_threshold()
         total = len(jobs) * (int(cfg.md.steps) + 1)
         bar = tqdm(total=total, desc=f"MD {T:g} K it {self.state['iteration']}", unit="step",
@@ -235,11 +249,15 @@ class OnTheFly:
         q = f"err_{threshold.quantity}"
         # untrusted frames (far outside the data: exploded MD) are not labelled; the frame where each such
         # excursion began is, first; then the local maxima with the largest errors, up to the cap
+        # frames with an atom more than [md] label_max_displacement from its site are not labelled either: a
+        # Taylor expansion has no business there, and one such frame can spoil the fit of all the others
         untrusted = [r for r in rows if str(r.get("reason", "")).startswith("untrusted")]
-        entries = [r for r in rows if str(r.get("reason", "")).startswith("entry")]
-        maxima = sorted((r for r in rows if str(r.get("reason", "")).startswith("local maximum")),
+        near = [r for r in rows if float(r.get("max_displacement", 0.0)) <= cfg.md.label_max_displacement]
+        firsts = [r for r in near if str(r.get("reason", "")).startswith("entry: entry")]
+        along = [r for r in near if str(r.get("reason", "")).startswith("entry: along")]
+        maxima = sorted((r for r in near if str(r.get("reason", "")).startswith("local maximum")),
                         key=lambda r: -float(r.get(q, 0.0)))
-        chosen = (entries + maxima)[: max(cfg.loop.max_labels_per_iteration, len(entries))]
+        chosen = (firsts + along + maxima)[: cfg.loop.max_labels_per_iteration]
         phases = {k: j.name for k, j in enumerate(jobs)}
         new = []
         for r in chosen:
@@ -248,23 +266,27 @@ class OnTheFly:
                     "reason": str(r.get("reason", "")), "model_version": int(r.get("model_version", 0)),
                     q: float(r.get(q, np.nan))}
             new.append((r.toatoms(), meta))
-        # validation frames: random frames of the second half of each trajectory, never trained on
+        # validation frames: random frames of the second half of each trajectory that ran to the end (one that
+        # left the trusted range is not the equilibrium ensemble), never trained on
         rng = np.random.default_rng(7919 * (self.state["t_index"] + 1) + self.state["iteration"])
-        for job in jobs:
-            traj = job.directory / "md.pos_0.extxyz"
-            if cfg.loop.validation_per_md <= 0 or not traj.exists():
+        for job, outcome in zip(jobs, outcomes):
+            if cfg.loop.validation_per_md <= 0 or outcome.status != "done":
                 continue
-            try:
-                frames = ase.io.read(traj, index=":")
-            except Exception as exc:
-                self.log(f"  {traj}: cannot read the trajectory ({exc}); no validation frame from it")
-                continue
-            late = frames[len(frames) // 2:]
+            late = self._late_frames(job.directory / "md.pos_0.extxyz")
             for idx in rng.choice(len(late), size=min(cfg.loop.validation_per_md, len(late)), replace=False):
                 atoms = late[int(idx)]
                 atoms.calc = None
                 new.append((atoms, {"role": "validation", "origin": "md", "temperature": T,
                                     "iteration": self.state["iteration"], "phase": job.name}))
+        # a frame already in the store (e.g. the starting structure, flagged again) is not added twice
+        known = {_fingerprint(r.toatoms()) for r in self.store.rows()}
+        unique = []
+        for atoms, meta in new:
+            fp = _fingerprint(atoms)
+            if fp not in known:
+                known.add(fp)
+                unique.append((atoms, meta))
+        new = unique
         # the traces: max error and steps of this iteration
         max_err, steps = self._trace_summary(folder)
         n_flag = len(chosen)
@@ -276,6 +298,47 @@ class OnTheFly:
         self.store.add_many(new, run=key)
         _write_json(folder / "summary.json", record)
         self._save_state(md_steps=self.state["md_steps"] + steps, pending_record=record)
+
+    def _late_frames(self, traj: Path) -> list:
+        """The second half of an i-PI trajectory file ([] when it is missing or unreadable, with a log line)."""
+        if not traj.exists():
+            return []
+        try:
+            frames = ase.io.read(traj, index=":")
+        except Exception as exc:
+            self.log(f"  {traj}: cannot read the trajectory ({exc}); no frame taken from it")
+            return []
+        return frames[len(frames) // 2:]
+
+    def holdout_stage(self):
+        """The held-out set: ``[loop] holdout_frames`` frames of the last MD at the highest temperature (second
+        halves of the trajectories that ran to the end, with the final model), labelled as validation frames
+        (origin "holdout") and never trained on; the report's held-out RMSE is computed on them."""
+        n = int(self.config.loop.holdout_frames)
+        if n > 0 and not self.store.has_run("holdout"):
+            top = max(float(t) for t in self.config.loop.temperatures)
+            last = next((r for r in reversed(self.state["history"]) if r.get("temperature") == top), None)
+            frames = []
+            if last is not None:
+                for phase, status in (last.get("md_status") or {}).items():
+                    if status == "done":
+                        late = self._late_frames(self.dir / "md" / last["key"] / phase / "md.pos_0.extxyz")
+                        frames += [(phase, a) for a in late]
+            # not the frames already labelled as that MD's validation frames
+            known = {_fingerprint(r.toatoms()) for r in self.store.rows(temperature=top)}
+            frames = [(ph, a) for ph, a in frames if _fingerprint(a) not in known]
+            picks = np.unique(np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)) \
+                if frames else []
+            rows = []
+            for k in picks:
+                phase, atoms = frames[int(k)]
+                atoms.calc = None
+                rows.append((atoms, {"role": "validation", "origin": "holdout", "temperature": top,
+                                     "iteration": -1, "phase": phase}))
+            self.store.add_many(rows, run="holdout")
+            self.log(f"held-out set: {len(rows)} frame(s) of the last {top:g} K MD ({last['key'] if last else '-'}) "
+                     "queued for labelling, never trained on")
+        self.label_stage()
 
     def _trace_summary(self, folder: Path) -> tuple[float, int]:
         q = self.threshold.quantity
@@ -387,18 +450,19 @@ class OnTheFly:
                        "oracle_calls": self.state["oracle_calls"], "md_steps_total": self.state["md_steps"]})
         history = self.state["history"] + [record]
         self.log(self._line(record))
-        # what next: repeat this temperature while frames are flagged (up to the cap), else the next one
+        # what next: repeat this temperature while its MD flags frames (even if none of them could be labelled:
+        # an MD that left the trusted range has not converged), up to the cap; else the next temperature
         t_index, it = self.state["t_index"], self.state["iteration"]
         if t_index < 0:
             t_index, it = 0, 0
-        elif record.get("selected", 0) and it + 1 < cfg.loop.max_iterations_per_temperature:
+        elif record.get("flagged") and it + 1 < cfg.loop.max_iterations_per_temperature:
             it += 1
         else:
-            if record.get("selected", 0):
-                self.log(f"  {self.temperature:g} K: still {record['selected']} flagged frame(s) after "
+            if record.get("flagged"):
+                self.log(f"  {self.temperature:g} K: still {record['flagged']} flagged frame(s) after "
                          f"{it + 1} iterations (max_iterations_per_temperature); going on to the next temperature")
             t_index, it = t_index + 1, 0
-        stage = "done" if t_index >= len(cfg.loop.temperatures) else "md"
+        stage = "holdout" if t_index >= len(cfg.loop.temperatures) else "md"
         self._save_state(stage=stage, t_index=t_index, iteration=it, model_version=version, history=history,
                          **extra)
 

@@ -84,6 +84,7 @@ class MDSettings:
     barostat_tau_fs: float = 200.0
     trajectory_stride: int = 20
     timeout_s: float = 1800.0
+    excursion_frames: int = 3      # frames labelled from an MD that ended untrusted (ServeSettings)
 
 
 @dataclass
@@ -144,6 +145,7 @@ def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThresh
     if trace_dir.exists():
         shutil.rmtree(trace_dir)
     serve = ServeSettings(threshold=threshold, wait=120.0, stop_untrusted=True, trace_dir=str(trace_dir),
+                          excursion_frames=settings.excursion_frames,
                           socket_timeout=max(120.0, settings.timeout_s))
     server = ForceServer(model_path, addresses, unix=True, connections=1, queue=queue_url, settings=serve)
     ipi = ipi_executable()

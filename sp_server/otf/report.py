@@ -104,7 +104,8 @@ def parity_data(store: Store, model) -> dict:
         except ValueError:
             continue
         ncell = len(atoms) / model.natoms
-        d = out.setdefault(role, {"energy": [], "forces": [], "stress": [], "temperature": []})
+        d = out.setdefault(role, {"energy": [], "forces": [], "stress": [], "temperature": [], "origin": []})
+        d["origin"].append(str(row.get("origin", "")))
         d["energy"].append((1000 * (atoms.get_potential_energy() / ncell - ref_e), 1000 * (res.energy / ncell - ref_e)))
         d["forces"].append(np.stack([atoms.get_forces().ravel(), res.forces.ravel()], axis=1))
         d["stress"].append(np.stack([atoms.get_stress(), res.stress], axis=1) / GPA_EV_A3)
@@ -115,6 +116,7 @@ def parity_data(store: Store, model) -> dict:
         d["forces"] = np.concatenate(d["forces"]) if d["forces"] else np.zeros((0, 2))
         d["stress"] = np.array(d["stress"]).reshape(-1, 6, 2)
         d["temperature"] = np.array(d["temperature"])
+        d["origin"] = np.array(d["origin"])
     return out
 
 
@@ -211,8 +213,11 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
         temps = val["temperature"]
         t_held = held_out_temperature if held_out_temperature is not None else float(temps.max())
         sel = np.isclose(temps, t_held)
+        holdout = sel & (val["origin"] == "holdout")
+        if holdout.any():   # the final held-out set (loop holdout stage); else every validation frame at t_held
+            sel = holdout
         summary["held_out"] = {
-            "temperature_K": t_held, "n_frames": int(sel.sum()),
+            "temperature_K": t_held, "n_frames": int(sel.sum()), "final_set": bool(holdout.any()),
             "energy_mev_per_cell": rmse(val["energy"][sel]),
             "forces_ev_a": rmse(np.concatenate([f for f, s in zip(val["forces_by_frame"], sel) if s])),
             "stress_gpa": rmse(val["stress"][sel])}
@@ -228,7 +233,8 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
              f"largest Bayesian error in the last MD: {summary['final_max_error']}", ""]
     if "held_out" in summary:
         h = summary["held_out"]
-        lines += [f"Held-out RMSE ({h['n_frames']} frames of the {h['temperature_K']:g} K MD, labelled by the oracle, "
+        lines += [f"Held-out RMSE ({h['n_frames']} frames of the {'final ' if h['final_set'] else ''}"
+                  f"{h['temperature_K']:g} K MD, labelled by the oracle, "
                   f"never trained on): energy {h['energy_mev_per_cell']:.3f} meV/cell, forces "
                   f"{h['forces_ev_a']:.4f} eV/A, stress {h['stress_gpa']:.4f} GPa", ""]
     lines += ["| iteration | T (K) | flagged | labelled | max error | train | val E (meV/cell) | val F (eV/A) | "

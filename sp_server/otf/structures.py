@@ -105,14 +105,17 @@ def polar_structure(model: Model, mesh, phase: str, amplitude: float) -> Atoms:
     return configuration(model, mesh, u)
 
 
-def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixed: int, seed: int = 0) -> list:
+def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixed: int, seed: int = 0,
+                       polar_amplitudes=()) -> list:
     """The phonon-derived initial training set: [(Atoms, meta)].
 
     - frozen phonons: the ``modes`` lowest supercell modes (unstable ones first; in practice the soft polar and
       the zone-boundary rotation/antipolar modes) at each amplitude (largest displacement, A);
     - homogeneous strains of the unit cell: +-s on each Voigt component for each magnitude s;
     - ``mixed`` random combinations of the low modes (random weights, largest displacement up to the largest
-      amplitude) with a random strain up to the largest magnitude, on the supercell."""
+      amplitude) with a random strain up to the largest magnitude, on the supercell;
+    - the soft zone-centre mode along 111, 110 and 001 (the R, O and T wells: combinations of the degenerate
+      unstable modes that no single mode reaches) on the unit cell, at each of ``polar_amplitudes`` (A)."""
     rng = np.random.default_rng(seed)
     out = []
     w2, patterns = supercell_modes(model, mesh)
@@ -129,6 +132,10 @@ def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixe
                 eta[v] = sign * s
                 out.append((configuration(model, (1, 1, 1), np.zeros((model.natoms, 3)), eta),
                             {"origin": "strain", "voigt": v, "strain": float(sign * s)}))
+    for phase in ("R", "O", "T"):
+        for amp in polar_amplitudes:
+            out.append((polar_structure(model, (1, 1, 1), phase, amp), {"origin": "polar", "phase": phase,
+                                                                         "amplitude": float(amp)}))
     amax = max(amplitudes) if len(amplitudes) else 0.1
     smax = max(strains) if len(strains) else 0.01
     for k in range(mixed):

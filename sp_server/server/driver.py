@@ -46,6 +46,8 @@ class ServeSettings:
     stop_untrusted: bool = False        # end the connection at an untrusted frame (after queueing it): the engine's
                                         # MD has exploded or left the model's range; the caller stops that engine
     trace_dir: Optional[str] = None     # write every frame's energy and Bayesian errors to trace_dir/trace_K.csv
+    excursion_frames: int = 1           # frames queued from an excursion that ended untrusted (its first frame
+                                        # above the threshold, then spread along it)
 
 
 class UntrustedFrame(RuntimeError):
@@ -126,10 +128,12 @@ class _Trajectory:
         self.flagged.add(key)
         return rec
 
-    def entry(self):
-        """The frame where the current excursion began (see the class docstring), or None."""
+    def entry(self, count: int = 3, cap: float = 10.0) -> list:
+        """Frames of the current excursion worth labelling (see the class docstring): its first frame and up to
+        ``count - 1`` more spread along it, leaving out frames whose error exceeds ``cap`` x the threshold (already
+        too far out); [] when nothing was kept."""
         if not self.recent:
-            return None
+            return []
         items = list(self.recent)
         start = len(items)
         if self.threshold is not None:
@@ -137,7 +141,10 @@ class _Trajectory:
                 start -= 1
         if start == len(items):   # no frame above the threshold just before: the model was confidently wrong
             start = max(len(items) - self.back, 0)
-        return self._once(items[start][1])
+        limit = cap * self.threshold.value if self.threshold is not None else np.inf
+        run = [rec for value, rec in items[start:] if value <= limit] or [items[start][1]]
+        picks = sorted({round(i) for i in np.linspace(0, len(run) - 1, min(count, len(run)))})
+        return [rec for rec in (self._once(run[i]) for i in picks) if rec is not None]
 
     def finish(self):
         """At the end of the trajectory the last frame can still be a maximum."""
@@ -336,13 +343,13 @@ class ForceServer:
             extra.update({f"sp_err_{key}": v for key, v in errors.items()})
         record = {"cell": cell, "positions": pos, "numbers": numbers, "frame": frame, "bead": bead,
                   "connection": k, "model_version": model.version, "errors": errors,
-                  "energy_ev": float(res.energy)}
+                  "energy_ev": float(res.energy), "max_displacement": float(res.frame.max_displacement)}
         if self.queue is not None:
             if reasons:
-                entry = traj.entry()
-                if entry is not None:
-                    self.queue.put(dict(entry, reason=f"entry of an excursion that left the trusted range at frame "
-                                                      f"{frame}"))
+                for n, entry in enumerate(traj.entry(self.settings.excursion_frames)):
+                    where = "entry" if n == 0 else "along"
+                    self.queue.put(dict(entry, reason=f"entry: {where} an excursion that left the trusted range at "
+                                                      f"frame {frame}"))
                 self.queue.put(dict(record, reason="untrusted: " + "; ".join(reasons)))
                 traj.push(-np.inf, record, trusted=False)
             elif self.settings.threshold is not None and errors:

@@ -55,6 +55,8 @@ class FlagQueue:
                           "bead": int(r["bead"]), "connection": int(r["connection"]),
                           "model_version": int(r["model_version"]), "energy_model": float(r["energy_ev"])}
                     kv.update({f"err_{k}": float(v) for k, v in r.get("errors", {}).items()})
+                    if "max_displacement" in r:   # A, largest distance of an atom from its reference site
+                        kv["max_displacement"] = float(r["max_displacement"])
                     db.write(atoms, **kv)
             self.written += len(batch)
         except Exception as exc:  # never lose the batch silently

@@ -21,7 +21,7 @@ run_dir = "run"
 name = "abinit"
 xc = "LDA"
 ecut_ha = 15.0
-ecutsm_ha = 0.5
+ecutsm_ha = 2.0
 ngkpt = [2, 2, 2]
 nstep = 40
 tolvrs = 1e-8
@@ -34,10 +34,11 @@ supercell = [1, 1, 1]
 orders = [3, 4]
 select = 8
 [initial]
-amplitudes = [0.05, 0.1]
+amplitudes = [0.1]
 modes_per_q = 2
 strains = [0.01]
 mixed = 2
+polar_amplitudes = [0.15]
 [md]
 supercell = [1, 1, 1]
 phases = ["R"]
@@ -50,6 +51,7 @@ threshold = "force_max=0.0005"
 max_labels_per_iteration = 2
 max_iterations_per_temperature = 1
 validation_per_md = 1
+holdout_frames = 2
 [fit]
 bound_temperature = 300
 """
@@ -69,7 +71,7 @@ def test_loop_with_abinit(tmp_path):
     assert md["selected"] >= 1 and md["md_steps"] > 0          # flagged frames were labelled by ABINIT
     store = Store(run / "store.db")
     counts = store.counts()
-    assert counts["pending"] == 0 and counts["claimed"] == 0 and counts["labeled"] >= 16 + 1
+    assert counts["pending"] == 0 and counts["claimed"] == 0 and counts["labeled"] >= 19 + 1
     md_labels = [r for r in store.rows(state="labeled") if r.get("origin") == "md"]
     assert len(md_labels) >= 2                                  # flagged + validation frames from the MD
     assert all(len(r.toatoms()) == 5 and r.toatoms().get_stress().shape == (6,) for r in md_labels)

@@ -40,9 +40,11 @@ def test_supercell_modes_are_the_commensurate_phonons(model):
 
 def test_initial_structures_amplitudes_strains_and_mixtures(model):
     amps, strains = [0.05, 0.1], [0.01]
-    frames = initial_structures(model, (2, 2, 2), amps, modes=3, strains=strains, mixed=4, seed=1)
+    frames = initial_structures(model, (2, 2, 2), amps, modes=3, strains=strains, mixed=4, seed=1,
+                                polar_amplitudes=[0.1, 0.2])
     kinds = [meta["origin"] for _, meta in frames]
     assert kinds.count("phonon") == 6 and kinds.count("strain") == 12 and kinds.count("mixed") == 4
+    assert kinds.count("polar") == 6
     ref = model.supercell((2, 2, 2))
     for atoms, meta in frames:
         if meta["origin"] == "phonon":
