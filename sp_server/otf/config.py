@@ -102,6 +102,8 @@ class LoopConfig:
     validation_per_md: int = 1    # frames per MD labelled for validation only (never trained on)
     holdout_frames: int = 30      # at the end: frames of the last MD at the highest temperature labelled as the
                                   # held-out set of the report (never trained on)
+    final_supercell: list = field(default_factory=list)  # e.g. [4, 4, 4]: after the ramp, MD on this larger cell
+    final_temperatures: list = field(default_factory=list)  # K, at final_supercell (default: the highest one)
 
 
 @dataclass
@@ -198,6 +200,12 @@ class OtfConfig:
         temps = [float(t) for t in self.loop.temperatures]
         if not temps or any(t <= 0 for t in temps) or temps != sorted(temps):
             raise ConfigError(f"{where}: [loop] temperatures must be positive and increasing, got {temps}")
+        if self.loop.final_temperatures and not self.loop.final_supercell:
+            raise ConfigError(f"{where}: [loop] final_temperatures needs final_supercell")
+        for name, mesh in (("[md] supercell", self.md.supercell), ("[loop] final_supercell",
+                                                                  self.loop.final_supercell or [1, 1, 1])):
+            if len(mesh) != 3 or any(int(n) != n or n < 1 for n in mesh):
+                raise ConfigError(f"{where}: {name} must be three positive integers, got {mesh}")
         bad = [p for p in self.md.phases if p not in ("R", "O", "T", "C")]
         if bad or not self.md.phases:
             raise ConfigError(f"{where}: [md] phases must be among R, O, T, C; got {self.md.phases}")

@@ -114,18 +114,36 @@ class OnTheFly:
             self._oracle = make_oracle(self.config.oracle, self.config.oracle_options)
         return self._oracle
 
+    def schedule(self) -> list:
+        """[(temperature K, MD supercell)]: the ramp on [md] supercell, then [loop] final_temperatures on
+        [loop] final_supercell (a larger cell finds local holes the small one cannot hold)."""
+        cfg = self.config
+        out = [(float(t), tuple(cfg.md.supercell)) for t in cfg.loop.temperatures]
+        if cfg.loop.final_supercell:
+            finals = cfg.loop.final_temperatures or [max(cfg.loop.temperatures)]
+            out += [(float(t), tuple(cfg.loop.final_supercell)) for t in finals]
+        return out
+
     @property
     def temperature(self) -> Optional[float]:
         t = self.state["t_index"]
-        temps = self.config.loop.temperatures
-        return float(temps[t]) if 0 <= t < len(temps) else None
+        sched = self.schedule()
+        return sched[t][0] if 0 <= t < len(sched) else None
+
+    @property
+    def md_supercell(self) -> tuple:
+        t = self.state["t_index"]
+        sched = self.schedule()
+        return sched[t][1] if 0 <= t < len(sched) else tuple(self.config.md.supercell)
 
     def _iteration_key(self) -> str:
         if self.state["t_index"] < 0:
             return "initial"
         if self.temperature is None:
             return "done"
-        return f"T{self.temperature:06.1f}_it{self.state['iteration']:02d}"
+        mesh = self.md_supercell
+        cell = "" if mesh == tuple(self.config.md.supercell) else "_" + "x".join(str(n) for n in mesh)
+        return f"T{self.temperature:06.1f}{cell}_it{self.state['iteration']:02d}"
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -208,8 +226,8 @@ class OnTheFly:
                                  iteration=-1, phase="")) for k, (atoms, meta) in enumerate(frames)]
             self.store.add_many(rows, run="initial")
             self.log(f"initial set: {len(rows)} phonon-derived structures (frozen phonons of the "
-                     f"{ini.modes_per_q * int(np.prod(mesh))} lowest modes at the commensurate q of {mesh}, the soft mode "
-                     f"along 111/110/001, strains, mixtures) queued for labelling")
+                     f"{ini.modes_per_q * int(np.prod(mesh))} lowest modes at the commensurate q of {mesh}, the soft "
+                     f"mode along 111/110/001, strains, mixtures) queued for labelling")
 
     # ------------------------------------------------------------------------------------------------ MD
     def md_stage(self):
@@ -222,7 +240,7 @@ class OnTheFly:
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         model = load_model(self.dir / "model.h5")
-        mesh = tuple(cfg.md.supercell)
+        mesh = self.md_supercell
         T = self.temperature
         jobs = [MDJob(ph, polar_structure(model, mesh, ph, cfg.md.polar_displacement), folder / ph, T,
                       int(cfg.md.steps), seed=1000 * self.state["t_index"] + 10 * self.state["iteration"] + k + 1)
@@ -290,7 +308,8 @@ class OnTheFly:
         # the traces: max error and steps of this iteration
         max_err, steps = self._trace_summary(folder)
         n_flag = len(chosen)
-        record = {"key": key, "temperature": T, "iteration": self.state["iteration"], "flagged": len(rows),
+        record = {"key": key, "temperature": T, "supercell": list(mesh), "iteration": self.state["iteration"],
+                  "flagged": len(rows),
                   "selected": n_flag, "untrusted": len(untrusted), "max_error": max_err, "md_steps": steps,
                   "md_status": {o.name: o.status for o in outcomes}}
         # one transaction, once (a restart after this point finds the run in the store; an empty batch is simply
@@ -462,7 +481,7 @@ class OnTheFly:
                 self.log(f"  {self.temperature:g} K: still {record['flagged']} flagged frame(s) after "
                          f"{it + 1} iterations (max_iterations_per_temperature); going on to the next temperature")
             t_index, it = t_index + 1, 0
-        stage = "holdout" if t_index >= len(cfg.loop.temperatures) else "md"
+        stage = "holdout" if t_index >= len(self.schedule()) else "md"
         self._save_state(stage=stage, t_index=t_index, iteration=it, model_version=version, history=history,
                          **extra)
 

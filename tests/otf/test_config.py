@@ -40,3 +40,18 @@ def test_bad_configuration_names_what_is_wrong(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         OtfConfig.load(path)
     assert str(path) in str(err.value)
+
+
+def test_final_supercell_stage_extends_the_schedule(tmp_path):
+    from sp_server.otf.loop import OnTheFly
+    cfg = OtfConfig.load(write(tmp_path, '[loop]\ntemperatures = [15, 300]\nfinal_supercell = [4, 4, 4]\n'))
+    otf = OnTheFly(cfg, progress=False, log=lambda m: None)
+    assert otf.schedule() == [(15.0, (2, 2, 2)), (300.0, (2, 2, 2)), (300.0, (4, 4, 4))]
+    otf.state.update(t_index=1, iteration=3)
+    assert otf._iteration_key() == "T0300.0_it03"
+    otf.state.update(t_index=2, iteration=0)
+    assert otf._iteration_key() == "T0300.0_4x4x4_it00" and otf.md_supercell == (4, 4, 4)
+    with pytest.raises(ConfigError, match="final_temperatures needs final_supercell"):
+        OtfConfig.load(write(tmp_path, '[loop]\nfinal_temperatures = [300]\n'))
+    with pytest.raises(ConfigError, match="three positive integers"):
+        OtfConfig.load(write(tmp_path, '[loop]\nfinal_supercell = [4, 4]\n'))

@@ -171,3 +171,32 @@ def test_killed_at_random_moments_continues_with_nothing_lost(tmp_path):
     assert not processes_under(run), "a killed loop left processes behind (i-PI waiting for its server)"
     state, _ = check_run(run)
     assert "resuming at stage" in (run / "otf.log").read_text()
+
+
+def test_label_stage_with_mpi_workers_reads_the_oracle_table(tmp_path):
+    """[label] workers = 2: the loop runs `mpiexec -n 2 ... sp-server label` with the [oracle] table of its
+    configuration file; every pending frame is labelled once, by the teacher model."""
+    from sp_server.calculator import SecondPrinciplesCalculator
+    path = write_config(tmp_path)
+    venv_mpiexec = Path(sys.executable).parent / "mpiexec"
+    text = path.read_text().replace("[fit]", f"[label]\nworkers = 2\nmpiexec = \"{venv_mpiexec}\"\n[fit]")
+    path.write_text(text)
+    otf = OnTheFly(OtfConfig.load(path), progress=False, log=lambda m: None)
+    teacher_model = load_model(tmp_path / "teacher.h5")
+    rng = np.random.default_rng(5)
+    frames = []
+    for _ in range(6):
+        a = teacher_model.supercell((1, 1, 1))
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+        frames.append((a, {"role": "train", "origin": "test"}))
+    otf.store.add_many(frames, run="test")
+    otf.label_stage()
+    rows = otf.store.rows(state="labeled")
+    assert len(rows) == 6 and otf.store.counts()["pending"] == 0
+    assert {r.owner.rsplit(":", 1)[-1] for r in rows} <= {"rank0", "rank1"}
+    calc = SecondPrinciplesCalculator(teacher_model)
+    for r in rows:
+        a = r.toatoms()
+        b = a.copy()
+        b.calc = calc
+        assert abs(a.get_potential_energy() - b.get_potential_energy()) < 1e-9

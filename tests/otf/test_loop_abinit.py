@@ -75,6 +75,6 @@ def test_loop_with_abinit(tmp_path):
     md_labels = [r for r in store.rows(state="labeled") if r.get("origin") == "md"]
     assert len(md_labels) >= 2                                  # flagged + validation frames from the MD
     assert all(len(r.toatoms()) == 5 and r.toatoms().get_stress().shape == (6,) for r in md_labels)
-    assert state["history"][1]["rmse_validation"]["n"] >= 3
+    assert state["history"][1]["rmse_validation"]["n"] >= 2   # initial-set validation frames (every 8th)
     assert (run / "report" / "fig2_parity.png").stat().st_size > 0
     assert any("labelled" in ln and "abinit" in ln for ln in lines)
