@@ -157,14 +157,22 @@ def _fig_parity(data: dict, report: Path):
     return path
 
 
+def _short_label(r: dict) -> str:
+    """'15K/2' for an iteration; the MD cell is added when the key names one ('300K 4x4x4/1')."""
+    if r["key"] == "initial":
+        return "init"
+    parts = r["key"].split("_")
+    cell = f" {parts[1]}" if len(parts) == 3 else ""
+    return f"{r['temperature']:g}K{cell}/{r['iteration']}"
+
+
 def _fig_growth(history: list, report: Path):
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     x = np.arange(len(history))
     ax.plot(x, [r["n_train"] for r in history], "o-", ms=3, label="training structures")
     ax.plot(x, [r.get("oracle_calls", np.nan) for r in history], "s--", ms=3, label="oracle calls (all)")
     ax.set_xticks(x)
-    ax.set_xticklabels(["init" if r["key"] == "initial" else f"{r['temperature']:g}K/{r['iteration']}"
-                        for r in history], rotation=70, fontsize=6)
+    ax.set_xticklabels([_short_label(r) for r in history], rotation=70, fontsize=6)
     ax.set_ylabel("count")
     ax.legend(fontsize=8)
     ax.set_title("training-set growth", fontsize=9)

@@ -53,6 +53,7 @@ def test_shipped_model_is_polar_and_carries_its_posterior():
     from sp_server.otf.structures import polar_structure
     model = load_model(SHIPPED / "model.h5")
     assert model.posterior is not None and model.metadata["otf"]["n_train"] > 100
+    assert model.metadata["ready"] and model.metadata["otf"]["bounded"]   # passed the boundedness check
     cubic = model.supercell((2, 2, 2))
     cubic.calc = SecondPrinciplesCalculator(model)
     polar = polar_structure(model, (2, 2, 2), "R", 0.08)
