@@ -263,7 +263,7 @@ class OnTheFly:
             if o.status != "done":
                 self.log(f"  MD {o.name} at {T:g} K: {o.status} after {o.frames} frames {o.message}".rstrip())
         # flagged frames: the largest errors first, at most the cap; untrusted frames always
-        rows = [] if not (folder / "queue.db").exists() else Store(folder / "queue.db").rows(state="pending")
+        rows = [] if not (folder / "queue.db").exists() else Store(folder / "queue.db").rows()
         q = f"err_{threshold.quantity}"
         # untrusted frames (far outside the data: exploded MD) are not labelled; the frame where each such
         # excursion began is, first; then the local maxima with the largest errors, up to the cap

@@ -1,9 +1,11 @@
 """The flag queue: frames that need a first-principles label, written to an ase.db (SQLite file or PostgreSQL URL)
 by a writer thread, in batches, so the MD never waits for the database.
 
-Each row: the structure (positions, cell, species; Angstrom) and key-value pairs state='pending', reason,
-frame, bead, connection, model_version, err_energy_mev_per_cell, err_force_max (eV/A), err_stress_max_gpa (GPa),
-energy_model (eV).  ``close()`` flushes everything that was put (also on SIGTERM through the server).
+Each row: the structure (positions, cell, species; Angstrom) and key-value pairs state, reason, frame, bead,
+connection, model_version, err_energy_mev_per_cell, err_force_max (eV/A), err_stress_max_gpa (GPa), energy_model
+(eV), max_displacement (A).  state is 'pending' (labelling workers claim it), except for frames that left the
+trusted range: 'untrusted', kept for inspection and never labelled (an exploded frame spoils a fit; the frame where
+its excursion began is queued as pending instead).  ``close()`` flushes everything that was put (also on SIGTERM through the server).
 """
 from __future__ import annotations
 
@@ -51,7 +53,9 @@ class FlagQueue:
             with ase.db.connect(self.url, serial=True) as db:
                 for r in batch:
                     atoms = Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=True)
-                    kv = {"state": "pending", "reason": r.get("reason", ""), "frame": int(r["frame"]),
+                    reason = r.get("reason", "")
+                    kv = {"state": "untrusted" if reason.startswith("untrusted") else "pending", "reason": reason,
+                          "frame": int(r["frame"]),
                           "bead": int(r["bead"]), "connection": int(r["connection"]),
                           "model_version": int(r["model_version"]), "energy_model": float(r["energy_ev"])}
                     kv.update({f"err_{k}": float(v) for k, v in r.get("errors", {}).items()})

@@ -121,7 +121,9 @@ def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name)
     assert [r.frame for r in entries] == [8] and f"at frame {len(frames)}" in entries[0].reason
     assert entries[0].toatoms().positions == pytest.approx(frames[8].positions)
     assert len(untrusted) == 1 and untrusted[0].frame == len(frames) and "from its site" in untrusted[0].reason
-    assert all(r.state == "pending" and r.model_version == fitted.version for r in rows)
+    assert all(r.model_version == fitted.version for r in rows)
+    # the untrusted frame is kept for inspection but never offered to the labelling workers
+    assert untrusted[0].state == "untrusted" and all(r.state == "pending" for r in rows if r not in untrusted)
     assert untrusted[0].toatoms().positions[3, 0] == pytest.approx(far.positions[3, 0])
 
 
@@ -252,5 +254,5 @@ def test_queue_in_postgresql(tmp_path, toy, name):
     _, out, rc = serve_frames(path, name, [far], "--queue", url)
     assert rc == 0, out
     with ase.db.connect(url) as db:
-        rows = list(db.select(state="pending"))
-    assert len(rows) == 1 and rows[0].reason.startswith("untrusted") and len(rows[0].toatoms()) == 40
+        rows = list(db.select())
+    assert len(rows) == 1 and rows[0].state == "untrusted" and rows[0].reason.startswith("untrusted") and len(rows[0].toatoms()) == 40
