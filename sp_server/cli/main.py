@@ -214,6 +214,14 @@ def _cmd_label(args):
     return 1 if counts.failed else 0
 
 
+def _cmd_validate(args):
+    from ..validate.run import oracle_from_args, run_validation
+    oracle = oracle_from_args(args.oracle, _oracle_options(args) if args.oracle else {})
+    run_validation(args.model, args.output, oracle=oracle, oracle_name=args.oracle or "oracle",
+                   items=tuple(args.items), phases=tuple(args.phases))
+    return 0
+
+
 def _cmd_otf(args):
     import logging
 
@@ -340,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--report", action="store_true", help="only (re)write the report of the run folder")
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=_cmd_otf)
+
+    v = sub.add_parser("validate", help="validation report: model (and oracle) ground state, double well, ... "
+                                        "(the paper's tables and figures)")
+    v.add_argument("model", metavar="MODEL")
+    _add_oracle_arguments(v, required=False)
+    v.add_argument("-o", "--output", metavar="DIR", default="validation")
+    v.add_argument("--items", nargs="+", default=["ground_state", "double_well", "phonons"],
+                   help="ground_state (Table 1), double_well (Fig. 7), phonons (Fig. 4); default: all")
+    v.add_argument("--phases", nargs="+", default=["R"], choices=["R", "O", "T"],
+                   help="phases relaxed for ground_state (default R)")
+    v.set_defaults(func=_cmd_validate)
 
     i = sub.add_parser("info", help="print a model's summary and its anharmonic terms")
     i.add_argument("model", metavar="MODEL")

@@ -311,8 +311,10 @@ def _kill(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def _abinit_message(run_dir: Path) -> str:
-    """The first ERROR/BUG message ABINIT wrote (standard output, then the main output), else the end of stderr."""
-    for name in ("abinit.log", "abinit.abo"):
+    """The first ERROR/BUG message ABINIT wrote (the file the aborting MPI rank writes, whichever rank it is; then
+    standard output and the main output, which rank 0 may not have flushed before MPI_ABORT), else the end of
+    stderr."""
+    for name in ("__ABI_MPIABORTFILE__", "abinit.log", "abinit.abo"):
         path = run_dir / name
         if not path.is_file():
             continue
