@@ -132,21 +132,14 @@ def run_demo(outdir="demo_output", *, mesh=(2, 2, 2), progress=True, log=print) 
         "double_well_depth_meV_per_cell": float(1000 * well.min()),
     }
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(amplitudes, 1000 * well)
-        ax.axvline(1.0, color="0.7", ls=":")
-        ax.set_xlabel("ground-state distortion amplitude")
-        ax.set_ylabel("E - E_cubic (meV / cell)")
-        ax.set_title("toy perovskite: polar double well")
-        fig.tight_layout()
-        fig.savefig(outdir / "double_well.png", dpi=120)
-        plt.close(fig)
-    except ImportError:
-        log("matplotlib not installed: no double_well.png")
+    from .figures import plt, save   # matplotlib is a dependency
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(amplitudes, 1000 * well)
+    ax.axvline(1.0, color="0.7", ls=":")
+    ax.set_xlabel("ground-state distortion amplitude")
+    ax.set_ylabel("E - E_cubic (meV / cell)")
+    ax.set_title("toy perovskite: polar double well")
+    save(fig, outdir / "double_well.png", dpi=120)
     log(f"demo output in {outdir.resolve()}: model, ground_state.extxyz, relax_evaluated.extxyz, "
         "double_well.png, summary.json")
     return summary

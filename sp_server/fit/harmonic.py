@@ -226,10 +226,16 @@ def relax_cubic_lattice(atoms: Atoms, calc, *, tol: float = 1e-4, fmax_check: fl
 # ----------------------------------------------------------------------------------------------------------------
 # 2. force constants with phonopy
 # ----------------------------------------------------------------------------------------------------------------
-def _phonopy_atoms(atoms: Atoms):
+def phonopy_atoms(atoms: Atoms):
+    """ASE Atoms -> PhonopyAtoms (same masses)."""
     from phonopy.structure.atoms import PhonopyAtoms
     return PhonopyAtoms(numbers=atoms.numbers, cell=atoms.cell.array, scaled_positions=atoms.get_scaled_positions(),
                         masses=atoms.get_masses())
+
+
+def ase_atoms(pa) -> Atoms:
+    """PhonopyAtoms (e.g. a displaced supercell) -> periodic ASE Atoms."""
+    return Atoms(numbers=pa.numbers, cell=pa.cell, scaled_positions=pa.scaled_positions, pbc=True)
 
 
 def _supercell_index(frac_unit: np.ndarray, numbers: np.ndarray, sc_frac: np.ndarray, sc_numbers: np.ndarray,
@@ -304,7 +310,7 @@ def _force_constants(atoms: Atoms, oracle: _Oracle, settings: HarmonicSettings, 
     mesh = settings.mesh()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ph = Phonopy(_phonopy_atoms(atoms), supercell_matrix=np.diag(mesh), primitive_matrix="P",
+        ph = Phonopy(phonopy_atoms(atoms), supercell_matrix=np.diag(mesh), primitive_matrix="P",
                      symprec=settings.symprec, log_level=0)
         ph.generate_displacements(distance=settings.displacement, is_plusminus=settings.plusminus)
     for w in caught:
@@ -314,19 +320,16 @@ def _force_constants(atoms: Atoms, oracle: _Oracle, settings: HarmonicSettings, 
     log(f"{step}: phonopy {'x'.join(map(str, mesh))} supercell ({len(ph.supercell)} atoms), "
         f"{len(scs)} displaced configurations, displacement {settings.displacement} A")
 
-    def to_ase(pa):
-        return Atoms(numbers=pa.numbers, cell=pa.cell, scaled_positions=pa.scaled_positions, pbc=True)
-
     forces = []
     for n, (sc, d) in enumerate(zip(scs, disps)):
         iat, vec = int(d[0]), np.asarray(d[1:4], dtype=float)
         label = (f"displacement {n + 1}/{len(scs)}: supercell atom {iat} moved by "
                  f"({vec[0]:+.4f}, {vec[1]:+.4f}, {vec[2]:+.4f}) A")
-        forces.append(oracle(to_ase(sc), step, label, props=("forces",))["forces"])
+        forces.append(oracle(ase_atoms(sc), step, label, props=("forces",))["forces"])
     forces = np.array(forces)
     residual = 0.0
     if settings.plusminus is not True:
-        f0 = oracle(to_ase(ph.supercell), step, "undisplaced supercell", props=("forces",))["forces"]
+        f0 = oracle(ase_atoms(ph.supercell), step, "undisplaced supercell", props=("forces",))["forces"]
         residual = float(np.abs(f0).max())
         forces = forces - f0[None]
     ph.forces = forces
@@ -458,7 +461,7 @@ def read_phonopy_born(path, atoms: Atoms, *, symprec: float = 1e-5) -> tuple:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such BORN file")
     try:
-        nac = parse_BORN(_phonopy_atoms(atoms), symprec=symprec, is_symmetry=True, filename=str(path))
+        nac = parse_BORN(phonopy_atoms(atoms), symprec=symprec, is_symmetry=True, filename=str(path))
     except Exception as exc:
         raise ValueError(f"{path}: cannot read the phonopy BORN file: {exc}") from exc
     return np.array(nac["born"], dtype=float), np.array(nac["dielectric"], dtype=float)

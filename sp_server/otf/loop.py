@@ -51,10 +51,10 @@ from ..model.terms import AnharmonicPart
 from ..oracles import make_oracle
 from ..potential import Evaluator
 from ..store import Store
-from ..units import GPA_EV_A3
 from .config import OtfConfig
 from .label import LabelChecks, owner_name, run_worker
 from .md import MDJob, MDSettings, run_md
+from .report import parity_data, rmse, write_report
 from .structures import cubic_perovskite, initial_structures, polar_structure
 
 STAGES = ("setup", "md", "label", "fit", "holdout", "done")
@@ -176,7 +176,6 @@ class OnTheFly:
                 self.holdout_stage()
                 self._save_state(stage="done")
             self._save_state(wall_s=wall0 + time.monotonic() - t_start)
-        from .report import write_report
         report = write_report(self.dir)
         self.log(f"done: model {self.dir / 'model.h5'} (version {self.state['model_version']}); report {report}")
         return self.dir / "model.h5"
@@ -502,24 +501,11 @@ class OnTheFly:
     def validation_rmse(self, model: Model) -> dict:
         """RMSE on the labelled validation frames: energy meV per reference cell (after removing nothing: the
         reference energy is the oracle's), forces eV/A, stress GPa; n = number of frames."""
-        ev = Evaluator(model)
-        de, df, ds = [], [], []
-        for r in self.store.rows(state="labeled", role="validation"):
-            atoms = r.toatoms()
-            try:
-                res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers)
-            except ValueError as exc:
-                self.log(f"  validation frame id={r.id}: {exc}")
-                continue
-            ncell = len(atoms) / model.natoms
-            de.append(1000 * (res.energy - atoms.get_potential_energy()) / ncell)
-            df.append((res.forces - atoms.get_forces()).ravel())
-            ds.append((res.stress - atoms.get_stress()) / GPA_EV_A3)
-        if not de:
+        val = parity_data(self.store, model, log=self.log, role="validation").get("validation")
+        if val is None:
             return {"n": 0}
-        def rms(x):
-            return float(np.sqrt(np.mean(np.concatenate([np.atleast_1d(v) for v in x]) ** 2)))
-        return {"n": len(de), "energy_mev_per_cell": rms(de), "forces": rms(df), "stress_gpa": rms(ds)}
+        return {"n": len(val["energy"]), "energy_mev_per_cell": rmse(val["energy"]), "forces": rmse(val["forces"]),
+                "stress_gpa": rmse(val["stress"])}
 
     def _training_median_error(self, model: Model) -> float:
         ev = Evaluator(model)

@@ -10,18 +10,15 @@ import csv
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..model.native import load_model  # noqa: E402
-from ..model.posterior import ErrorThreshold  # noqa: E402
-from ..potential import Evaluator  # noqa: E402
-from ..store import Store  # noqa: E402
-from ..units import GPA_EV_A3  # noqa: E402
-from .config import OtfConfig  # noqa: E402
+from ..figures import plt, save
+from ..model.native import load_model
+from ..model.posterior import ErrorThreshold
+from ..potential import Evaluator
+from ..store import Store
+from ..units import GPA_EV_A3
+from .config import OtfConfig
 
 PHASE_COLORS = {"R": "tab:red", "O": "tab:green", "T": "tab:blue", "C": "tab:gray"}
 VOIGT = ("xx", "yy", "zz", "yz", "xz", "xy")
@@ -83,25 +80,24 @@ def _fig_errors(run: Path, history: list, quantity: str, threshold: float, repor
     ax2.set_xlabel("iteration (label: temperature, K)")
     ax2.set_ylabel(f"largest {quantity} of the iteration")
     ax2.set_title("largest Bayesian error per iteration", fontsize=9)
-    fig.tight_layout()
-    path = report / "fig1_bayesian_error.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, report / "fig1_bayesian_error.png")
 
 
-def parity_data(store: Store, model) -> dict:
-    """Model and oracle values of every labelled frame, by role: energy (meV/cell, relative to the reference),
-    forces (eV/A), stress (GPa, Voigt)."""
+def parity_data(store: Store, model, log=None, **filters) -> dict:
+    """Model and oracle values of every labelled frame (or those matching ``filters``, e.g. role="validation"),
+    by role: energy (meV/cell, relative to the reference), forces (eV/A), stress (GPa, Voigt).  A frame the model
+    cannot map is left out (and named to ``log`` when given)."""
     ev = Evaluator(model)
     ref_e = model.reference.energy
     out = {}
-    for row in store.rows(state="labeled"):
+    for row in store.rows(state="labeled", **filters):
         role = row.get("role", "train")
         atoms = row.toatoms()
         try:
             res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers)
-        except ValueError:
+        except ValueError as exc:
+            if log is not None:
+                log(f"  {role} frame id={row.id}: {exc}")
             continue
         ncell = len(atoms) / model.natoms
         d = out.setdefault(role, {"energy": [], "forces": [], "stress": [], "temperature": [], "origin": []})
@@ -150,11 +146,7 @@ def _fig_parity(data: dict, report: Path):
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7, loc="lower right")
     fig.suptitle("model vs oracle (validation frames were never trained on)", fontsize=10)
-    fig.tight_layout()
-    path = report / "fig2_parity.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, report / "fig2_parity.png")
 
 
 def _short_label(r: dict) -> str:
@@ -176,11 +168,7 @@ def _fig_growth(history: list, report: Path):
     ax.set_ylabel("count")
     ax.legend(fontsize=8)
     ax.set_title("training-set growth", fontsize=9)
-    fig.tight_layout()
-    path = report / "training_set_growth.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save(fig, report / "training_set_growth.png")
 
 
 def write_report(run, held_out_temperature: float | None = None) -> Path:

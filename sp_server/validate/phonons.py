@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from ase import Atoms
 
+from ..fit.harmonic import ase_atoms, phonopy_atoms
+
 PATH = [[[0, 0, 0], [0.5, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0]],
         [[0.5, 0.5, 0], [0.5, 0.5, 0.5]]]
 LABELS = ["$\\Gamma$", "X", "M", "$\\Gamma$", "R", "X|M", "R"]
@@ -39,13 +41,11 @@ def dispersion(atoms: Atoms, calc, name: str, phase: str, *, supercell=(2, 2, 2)
     """Finite-displacement phonons of the relaxed ``atoms`` with ``calc``; band structure along :data:`PATH`."""
     from phonopy import Phonopy
     from phonopy.phonon.band_structure import get_band_qpoints
-    from phonopy.structure.atoms import PhonopyAtoms
-    unit = PhonopyAtoms(numbers=atoms.numbers, cell=atoms.cell.array, scaled_positions=atoms.get_scaled_positions())
-    ph = Phonopy(unit, supercell_matrix=np.diag(supercell), primitive_matrix=np.eye(3), log_level=0)
+    ph = Phonopy(phonopy_atoms(atoms), supercell_matrix=np.diag(supercell), primitive_matrix=np.eye(3), log_level=0)
     ph.generate_displacements(distance=distance, is_plusminus=True)
     forces = []
     for sc in ph.supercells_with_displacements:
-        a = Atoms(numbers=sc.numbers, cell=sc.cell, scaled_positions=sc.scaled_positions, pbc=True)
+        a = ase_atoms(sc)
         a.calc = calc
         forces.append(np.asarray(a.get_forces(), dtype=float))
     ph.forces = np.array(forces)

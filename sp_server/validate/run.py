@@ -13,14 +13,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..model.native import load_model  # noqa: E402
-from .ground_state import double_well, ground_state, model_calculator  # noqa: E402
+from ..figures import plt, save
+from ..model.native import load_model
+from .ground_state import double_well, ground_state, model_calculator
 
 ITEMS = ("ground_state", "double_well", "phonons")
 
@@ -117,9 +114,7 @@ def _plot_dispersion(disp: dict, phase: str, path: Path):
     ax.set_title(f"phonons, {phase} ({'cubic reference' if phase == 'C' else 'relaxed'}, pseudo-cubic path)",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _plot_double_well(dw, path: Path):
@@ -132,9 +127,7 @@ def _plot_double_well(dw, path: Path):
     ax.set_ylabel("E - E_cubic (meV / cell)")
     ax.set_title("double well: cubic -> rhombohedral (unit cell, cubic lattice)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _fmt(x, f=".4f") -> str:
