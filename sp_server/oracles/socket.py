@@ -49,6 +49,28 @@ class _Watch:
                 return self.process.wait()
 
 
+class _SocketIO(SocketIOCalculator):
+    """ASE's socket calculator, reading the client's virial the way i-PI does.
+
+    i-PI keeps the cell upper triangular (columns = lattice vectors) and uses only the upper triangle of the
+    virial; LAMMPS ``fix ipi`` therefore sends the upper triangle alone (zeros below).  ASE receives the matrix
+    transposed and symmetrises it, which halves every shear component of such a client (checked against LAMMPS's
+    own pressure: tests/oracles/test_socket.py).  The meaningful triangle (lower in ASE's transposed frame) is
+    mirrored instead; a client sending the full symmetric virial is unaffected."""
+
+    def launch_server(self):
+        server = super().launch_server()
+        receive = server.calculate
+
+        def calculate(atoms):
+            results = receive(atoms)
+            v = np.asarray(results["virial"], dtype=float)
+            results["virial"] = np.tril(v) + np.tril(v, -1).T
+            return results
+        server.calculate = calculate
+        return server
+
+
 class SocketOracle(Calculator):
     """energy (eV), forces (eV/A), stress (eV/A^3, ASE sign) from an i-PI protocol client."""
 
@@ -83,7 +105,7 @@ class SocketOracle(Calculator):
         if self._io is None:
             kw = {"launch_client": self._launch} if self.command else {}
             try:
-                self._io = SocketIOCalculator(port=self.port, unixsocket=self.unixsocket, timeout=self.timeout, **kw)
+                self._io = _SocketIO(port=self.port, unixsocket=self.unixsocket, timeout=self.timeout, **kw)
             except OSError as exc:   # address in use, no permission
                 raise OracleError(f"socket oracle at {self._where()}: cannot listen: {exc}") from None
             if self._io.server is not None:   # no command: the server waits for a client the user starts

