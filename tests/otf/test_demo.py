@@ -31,11 +31,12 @@ def test_toy_demo_runs(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-def test_chgnet_stand_in_has_the_polar_instability():
-    pytest.importorskip("chgnet")
+@pytest.mark.parametrize("name", ["chgnet", "sevenn"])
+def test_stand_in_oracles_have_the_polar_instability(name):
+    pytest.importorskip(name)
     from sp_server.oracles import make_oracle
     from sp_server.otf.structures import cubic_perovskite
-    calc = make_oracle("chgnet")
+    calc = make_oracle(name)
     cubic = cubic_perovskite(4.036)
     cubic.calc = calc
     e0 = cubic.get_potential_energy()
