@@ -152,8 +152,10 @@ def _cmd_serve(args):
                         filename=args.log)
     if not args.unix and args.port is None:
         raise ValueError("an INET connection needs --port (or use --unix)")
+    if args.error_stride < 1:
+        raise ValueError(f"--error-stride must be >= 1, got {args.error_stride}")
     settings = ServeSettings(threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
-                             wait=args.wait)
+                             wait=args.wait, error_stride=args.error_stride)
     server = ForceServer(args.model, args.address, args.port, args.unix, args.connections, args.queue, settings)
     return server.serve_forever()
 
@@ -215,11 +217,27 @@ def _cmd_label(args):
 
 
 def _cmd_validate(args):
-    from ..validate.run import oracle_from_args, run_validation
+    from dataclasses import replace
+
+    from ..validate.run import ValidationSettings, oracle_from_args, run_validation
+    settings = ValidationSettings.full() if args.full else ValidationSettings()
+    over = {}
+    if args.phases:
+        over["phases"] = tuple(args.phases)
+    if args.holdout:
+        over["holdout"], over["holdout_select"] = args.holdout, args.holdout_select
+    md = {k: v for k, v in (("supercell", args.md_supercell), ("steps", args.md_steps),
+                            ("temperatures", tuple(args.temperatures) if args.temperatures else None),
+                            ("pressure_gpa", args.pressure)) if v is not None}
+    if args.no_cooling:
+        md["cooling"] = False
+    if md:
+        over["transitions"] = replace(settings.transitions, **md)
+    settings = replace(settings, **over)
     oracle = oracle_from_args(args.oracle, _oracle_options(args) if args.oracle else {})
-    run_validation(args.model, args.output, oracle=oracle, oracle_name=args.oracle or "oracle",
-                   items=tuple(args.items), phases=tuple(args.phases))
-    return 0
+    res = run_validation(args.model, args.output, oracle=oracle, oracle_name=args.oracle or "oracle",
+                         items=tuple(args.items), settings=settings, progress=not args.no_progress)
+    return 1 if res["failed"] else 0
 
 
 def _cmd_otf(args):
@@ -239,6 +257,7 @@ def _cmd_otf(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..validate import ITEMS as VALIDATION_ITEMS
     p = argparse.ArgumentParser(prog="sp-server", description="Second-principles lattice models: evaluate, serve, fit.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -318,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--queue", metavar="DB", help="ase.db file or PostgreSQL URL for flagged frames")
     sv.add_argument("--threshold", metavar="QUANTITY=VALUE", help="flagging threshold (default force_max=0.1)")
     sv.add_argument("--wait", type=float, default=600.0, help="seconds to retry until the engine is up")
+    sv.add_argument("--error-stride", type=int, default=1, metavar="N",
+                    help="Bayesian errors (and flagging) every N-th frame of a connection (default 1: every frame; "
+                         "on large supercells they cost about twice the energy and forces)")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
     sv.set_defaults(func=_cmd_serve)
 
@@ -349,15 +371,32 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=_cmd_otf)
 
-    v = sub.add_parser("validate", help="validation report: model (and oracle) ground state, double well, ... "
-                                        "(the paper's tables and figures)")
+    v = sub.add_parser("validate", help="validation report, model and oracle side by side: the paper's tables and "
+                                        "figures (ground state, metastable phases, phonons, thermal transport, "
+                                        "phase transitions, double well, held-out accuracy)")
     v.add_argument("model", metavar="MODEL")
     _add_oracle_arguments(v, required=False)
     v.add_argument("-o", "--output", metavar="DIR", default="validation")
-    v.add_argument("--items", nargs="+", default=["ground_state", "double_well", "phonons"],
-                   help="ground_state (Table 1), double_well (Fig. 7), phonons (Fig. 4); default: all")
-    v.add_argument("--phases", nargs="+", default=["R"], choices=["R", "O", "T"],
-                   help="phases relaxed for ground_state (default R)")
+    v.add_argument("--items", nargs="+", default=list(VALIDATION_ITEMS), choices=VALIDATION_ITEMS, metavar="ITEM",
+                   help="any of: ground_state (Table 1), metastable (Table 2, Fig. 3), phonons (Fig. 4), transport "
+                        "(Fig. 5), transitions (Fig. 6), double_well (Fig. 7), accuracy (held-out RMSE); default all")
+    v.add_argument("--full", action="store_true",
+                   help="publication settings (hours): tighter relaxations, denser meshes, a 16^3 MD ladder every "
+                        "25 K, 100 held-out frames; default: quick settings (minutes on 2 cores)")
+    v.add_argument("--phases", nargs="+", choices=["R", "O", "T"],
+                   help="phases relaxed for ground_state and phonons (default R; --full: R O T)")
+    v.add_argument("--holdout", metavar="FILE",
+                   help="labelled held-out frames for accuracy (extxyz, ase.db, ...); default: fresh MD frames "
+                        "labelled by the oracle")
+    v.add_argument("--holdout-select", metavar="SELECTION",
+                   help="ase.db selection of the held-out frames, e.g. origin=holdout (an on-the-fly run's store.db)")
+    v.add_argument("--md-supercell", type=int, metavar="N", help="transitions: N x N x N supercell (default 12)")
+    v.add_argument("--temperatures", type=float, nargs="+", metavar="K",
+                   help="transitions: temperatures in heating order, K (default 50 100 ... 400)")
+    v.add_argument("--md-steps", type=int, metavar="STEPS", help="transitions: MD steps per temperature (default 300)")
+    v.add_argument("--pressure", type=float, metavar="GPA", help="transitions: NPT pressure, GPa (default 0)")
+    v.add_argument("--no-cooling", action="store_true", help="transitions: heating only")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(func=_cmd_validate)
 
     i = sub.add_parser("info", help="print a model's summary and its anharmonic terms")

@@ -85,6 +85,7 @@ class MDSettings:
     trajectory_stride: int = 20
     timeout_s: float = 1800.0
     excursion_frames: int = 3      # frames labelled from an MD that ended untrusted (ServeSettings)
+    error_stride: int = 1          # Bayesian errors every n-th frame (ServeSettings)
 
 
 @dataclass
@@ -145,7 +146,7 @@ def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThresh
     if trace_dir.exists():
         shutil.rmtree(trace_dir)
     serve = ServeSettings(threshold=threshold, wait=120.0, stop_untrusted=True, trace_dir=str(trace_dir),
-                          excursion_frames=settings.excursion_frames,
+                          excursion_frames=settings.excursion_frames, error_stride=settings.error_stride,
                           socket_timeout=max(120.0, settings.timeout_s))
     server = ForceServer(model_path, addresses, unix=True, connections=1, queue=queue_url, settings=serve)
     ipi = ipi_executable()
@@ -198,7 +199,7 @@ def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThresh
     for k, job in enumerate(jobs):
         st = status.get(k) or server.outcomes.get(k) or "error"
         frames = server.frames.get(k, 0)
-        message = ""
+        message = server.reasons.get(k, "")
         if st == "exit":
             if frames >= job.steps:
                 st = "done"

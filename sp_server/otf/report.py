@@ -121,7 +121,9 @@ def rmse(pairs: np.ndarray) -> float:
     return float(np.sqrt(np.mean((pairs[..., 1] - pairs[..., 0]) ** 2))) if pairs.size else float("nan")
 
 
-def _fig_parity(data: dict, report: Path):
+def plot_parity(data: dict, path, title: str = "model vs oracle (validation frames were never trained on)") -> Path:
+    """Parity panels (energy, forces, six stress components) of ``data`` (:func:`parity_data`'s layout: role ->
+    pairs (oracle, model)), one colour per role, RMSE in each panel."""
     fig, axes = plt.subplots(2, 4, figsize=(14, 6.8))
     panels = [("energy", "energy (meV/cell)", None), ("forces", "forces (eV/A)", None)]
     panels += [("stress", f"stress {v} (GPa)", i) for i, v in enumerate(VOIGT)]
@@ -145,8 +147,8 @@ def _fig_parity(data: dict, report: Path):
         ax.text(0.03, 0.97, "\n".join(text), transform=ax.transAxes, va="top", fontsize=7)
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("model vs oracle (validation frames were never trained on)", fontsize=10)
-    return save(fig, report / "fig2_parity.png")
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path)
 
 
 def _short_label(r: dict) -> str:
@@ -185,7 +187,7 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
     store = Store(run / "store.db")
     figs = [_fig_errors(run, history, thr.quantity, thr.value, report)]
     data = parity_data(store, model)
-    figs.append(_fig_parity(data, report))
+    figs.append(plot_parity(data, report / "fig2_parity.png"))
     figs.append(_fig_growth(history, report))
     with open(report / "iterations.csv", "w", newline="") as fh:
         w = csv.writer(fh)

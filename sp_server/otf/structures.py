@@ -71,25 +71,51 @@ def supercell_modes(model: Model, mesh) -> tuple[np.ndarray, np.ndarray]:
     return w2[keep], patterns
 
 
+def soft_pattern(model: Model, q=(0.0, 0.0, 0.0), alpha: int = 2) -> np.ndarray:
+    """(nat,): per-atom amplitudes of the lowest harmonic mode at the wave vector ``q`` (reduced coordinates; Gamma
+    or a zone-boundary point, components 0 or 1/2) polarised along the Cartesian axis ``alpha``: the soft polar mode
+    at Gamma, the transverse "chain" modes at X and M of a cubic perovskite.  In a cell L the displacement is
+    ``p_i cos(2 pi q.L)`` along alpha.  Every atom of the cubic perovskite sits on a mirror plane normal to alpha,
+    and the mirror keeps q and the atoms' cells when q_alpha = 0, so the alpha-polarised modes form their own block
+    of the dynamical matrix (summed over a 2x2x2 supercell, dipole-dipole part included); a q with q_alpha = 1/2
+    mixes alpha with the other components and is refused.  At Gamma the uniform translation is projected out.  Normalised to max
+    1, the atom moving most along +alpha."""
+    q = np.asarray(q, dtype=float)
+    if not np.allclose(np.round(2 * q), 2 * q):
+        raise ValueError(f"soft_pattern: q = {q.tolist()} is not Gamma or a zone-boundary point (components 0, 1/2)")
+    if q[alpha] != 0:
+        raise ValueError(f"soft_pattern: q = {q.tolist()} has a component along the polarisation axis {alpha}: the "
+                         "alpha-polarised modes do not separate there")
+    gamma = np.allclose(q, 0)
+    mesh = (1, 1, 1) if gamma else (2, 2, 2)
+    nat = model.natoms
+    hess = _hessian(model, mesh).reshape(-1, nat, 3, len(_cells(mesh)), nat, 3)[0, :, alpha, :, :, alpha]
+    phase = np.cos(2 * np.pi * _cells(mesh) @ q)                       # +-1: the dynamical matrix at q is real
+    m = model.reference.masses
+    block = np.einsum("iLj,L->ij", hess, phase) / np.sqrt(np.outer(m, m))
+    block = 0.5 * (block + block.T)
+    if gamma:
+        t = np.sqrt(m) / np.linalg.norm(np.sqrt(m))
+        proj = np.eye(nat) - np.outer(t, t)
+        block = proj @ block @ proj + 1e6 * np.outer(t, t)              # translation pushed to the top
+    w2, vec = np.linalg.eigh(block)
+    p = vec[:, 0] / np.sqrt(m)
+    p /= np.abs(p).max()
+    return p * np.sign(p[int(np.argmax(np.abs(p)))])
+
+
+def _cells(mesh) -> np.ndarray:
+    """Integer cell coordinates of a supercell in the C order of :meth:`Model.supercell`."""
+    return np.array(np.meshgrid(*[np.arange(int(n)) for n in mesh], indexing="ij")).reshape(3, -1).T.astype(float)
+
+
 def polar_patterns(model: Model) -> np.ndarray:
     """(3, nat): per-atom amplitudes of the lowest zone-centre optical mode polarised along x, y, z (the soft mode
-    of a cubic perovskite), from the alpha-alpha blocks of the Gamma force constants with the translation
-    projected out; each normalised to max 1, with one common sign convention (the atom that moves most in all
-    three directions, the B cation in a perovskite, moves along +alpha)."""
-    hess = _hessian(model, (1, 1, 1))
-    m = model.reference.masses
-    nat = model.natoms
-    t = np.sqrt(m) / np.linalg.norm(np.sqrt(m))
-    proj = np.eye(nat) - np.outer(t, t)
-    out = np.empty((3, nat))
-    for alpha in range(3):
-        block = hess[alpha::3, alpha::3] / np.sqrt(np.outer(m, m))
-        w2, vec = np.linalg.eigh(proj @ block @ proj + 1e6 * np.outer(t, t))  # translation pushed to the top
-        p = vec[:, 0] / np.sqrt(m)
-        out[alpha] = p / np.abs(p).max()
+    of a cubic perovskite, :func:`soft_pattern` at Gamma), each normalised to max 1, with one common sign convention
+    (the atom that moves most in all three directions, the B cation in a perovskite, moves along +alpha)."""
+    out = np.array([soft_pattern(model, (0, 0, 0), alpha) for alpha in range(3)])
     ref = int(np.argmax(np.abs(out).min(axis=0)))
-    out *= np.sign(out[:, ref])[:, None]
-    return out
+    return out * np.sign(out[:, ref])[:, None]
 
 
 def polar_structure(model: Model, mesh, phase: str, amplitude: float) -> Atoms:

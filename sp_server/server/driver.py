@@ -48,6 +48,9 @@ class ServeSettings:
     trace_dir: Optional[str] = None     # write every frame's energy and Bayesian errors to trace_dir/trace_K.csv
     excursion_frames: int = 1           # frames queued from an excursion that ended untrusted (its first frame
                                         # above the threshold, then spread along it)
+    error_stride: int = 1               # Bayesian errors (and flagging) every n-th frame of a connection: on large
+                                        # supercells they cost ~2x the energy + forces; the trusted-range checks
+                                        # run on every frame regardless
 
 
 class UntrustedFrame(RuntimeError):
@@ -172,6 +175,7 @@ class ForceServer:
         self.outcomes: dict = {}  # connection index -> "exit" | "error" | "untrusted" | "stopped" | ...
         self.connected: set = set()  # connection indices that reached their engine
         self.frames: dict = {}    # connection index -> frames evaluated
+        self.reasons: dict = {}   # connection index -> why it ended early (untrusted frame, error), for the caller
         self._open: set = set()  # connections to shut down on stop (their threads wait in recv)
 
     @property
@@ -283,9 +287,11 @@ class ForceServer:
         except UntrustedFrame as exc:
             log.warning("connection %d, frame %d: %s; ending this trajectory", k, frame, exc)
             outcome = "untrusted"
+            self.reasons[k] = f"frame {frame}: {exc}"
         except (ProtocolError, MappingError, ValueError) as exc:
             log.error("connection %d, frame %d: %s; closing this connection", k, frame, exc)
             outcome = "error"
+            self.reasons[k] = f"frame {frame}: {exc}"
         except (socket.timeout, TimeoutError):
             log.error("connection %d, frame %d: no message from the engine for %.0f s; closing", k, frame,
                       self.settings.socket_timeout)
@@ -325,7 +331,7 @@ class ForceServer:
         ref = model.reference
         # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
         # then cached), and take the species of their sites
-        res = evaluator.evaluate(cell, pos, None, errors=True)
+        res = evaluator.evaluate(cell, pos, None, errors=frame % max(1, self.settings.error_stride) == 0)
         numbers = np.empty(len(pos), dtype=int)
         numbers[res.frame.order] = np.tile(ref.numbers, len(pos) // ref.natoms)
         ncell = len(pos) // ref.natoms

@@ -5,7 +5,8 @@ Each row: the structure (positions, cell, species; Angstrom) and key-value pairs
 connection, model_version, err_energy_mev_per_cell, err_force_max (eV/A), err_stress_max_gpa (GPa), energy_model
 (eV), max_displacement (A).  state is 'pending' (labelling workers claim it), except for frames that left the
 trusted range: 'untrusted', kept for inspection and never labelled (an exploded frame spoils a fit; the frame where
-its excursion began is queued as pending instead).  ``close()`` flushes everything that was put (also on SIGTERM through the server).
+its excursion began is queued as pending instead).  ``close()`` flushes everything that was put (also on SIGTERM
+through the server).
 """
 from __future__ import annotations
 

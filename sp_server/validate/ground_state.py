@@ -62,10 +62,14 @@ class DoubleWell:
         return asdict(self)
 
 
-def relax(atoms, calc, *, fmax: float = 1e-3, steps: int = 1000):
-    """Relax cell and positions (BFGS on a FrechetCellFilter); returns (atoms, steps, converged)."""
+def relax(atoms, calc, *, fmax: float = 1e-3, steps: int = 1000, symmetry: bool = False):
+    """Relax cell and positions (BFGS on a FrechetCellFilter; ``symmetry``: keep the starting space group, ASE's
+    FixSymmetry at symprec 1e-3); returns (atoms, steps, converged)."""
     atoms = atoms.copy()
     atoms.calc = calc
+    if symmetry:
+        from ase.constraints import FixSymmetry
+        atoms.set_constraint(FixSymmetry(atoms, symprec=1e-3))
     opt = BFGS(FrechetCellFilter(atoms), logfile=None)
     with warnings.catch_warnings():   # scipy's logm inside the cell filter warns about 1e-13 round-off
         warnings.filterwarnings("ignore", message="logm result may be inaccurate")

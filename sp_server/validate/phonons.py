@@ -53,12 +53,12 @@ def dispersion(atoms: Atoms, calc, name: str, phase: str, *, supercell=(2, 2, 2)
     ph.symmetrize_force_constants(show_drift=False)
     qpoints = get_band_qpoints([np.array(seg, dtype=float) for seg in PATH], npoints=npoints)
     ph.run_band_structure(qpoints, path_connections=[True] * (len(PATH[0]) - 2) + [False, True], labels=LABELS)
-    bands = ph.get_band_structure_dict()
-    dist = np.concatenate(bands["distances"])
-    freq = np.concatenate(bands["frequencies"])
-    ticks = [float(d[0]) for d in bands["distances"]] + [float(bands["distances"][-1][-1])]
+    bands = ph.band_structure
+    dist = np.concatenate(bands.distances)
+    freq = np.concatenate(bands.frequencies)
+    ticks = [float(d[0]) for d in bands.distances] + [float(bands.distances[-1][-1])]
     return Dispersion(name, phase, dist.tolist(), freq.tolist(), ticks, LABELS, list(supercell),
-                      [len(d) for d in bands["distances"]])
+                      [len(d) for d in bands.distances])
 
 
 def compare(a: Dispersion, b: Dispersion) -> dict:

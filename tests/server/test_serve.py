@@ -127,6 +127,20 @@ def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name)
     assert untrusted[0].toatoms().positions[3, 0] == pytest.approx(far.positions[3, 0])
 
 
+def test_error_stride_skips_bayesian_errors_but_never_the_trust_checks(tmp_path, fitted, toy, name):
+    path = save_model(fitted, tmp_path / "fit.h5")
+    frames = trajectory(toy, [0.02, 0.03, 0.04, 0.05, 0.04, 0.03])
+    far = frames[0].copy()
+    far.positions[3] += [1.6, 0.0, 0.0]
+    queue = tmp_path / "flags.db"
+    results, out, rc = serve_frames(path, name, frames + [far], "--queue", queue, "--error-stride", 3)
+    assert rc == 0, out
+    extras = [r[3] for r in results[:-1]]
+    assert [("bayesian_error" in x) for x in extras] == [True, False, False, True, False, False]
+    with ase.db.connect(queue) as db:            # frame 6 has no errors computed, yet it is caught as untrusted
+        assert [r.frame for r in db.select() if r.reason.startswith("untrusted")] == [len(frames)]
+
+
 def test_hot_reload_between_frames(tmp_path, toy, name):
     from sp_server.model import AnharmonicPart, Model
     path = save_model(toy, tmp_path / "m.h5")

@@ -49,7 +49,8 @@ def test_double_well_is_symmetric_with_its_minimum_at_the_ground_state(toy):
 def test_validate_command_model_vs_oracle(tmp_path):
     out = tmp_path / "report"
     res = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "validate", str(TOY), "--oracle", "model",
-                          "--oracle-option", f"path={TOY}", "-o", str(out)], capture_output=True, text=True,
+                          "--oracle-option", f"path={TOY}", "-o", str(out), "--items", "ground_state",
+                          "double_well", "--no-progress"], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((out / "results.json").read_text())
@@ -86,3 +87,41 @@ def test_validate_phonons_item_writes_one_figure_per_phase(tmp_path, toy):
     for phase in ("C", "R"):
         assert (tmp_path / f"phonons_{phase}.png").stat().st_size > 0
     assert "## Phonons, R" in (tmp_path / "summary.md").read_text()
+
+
+def test_every_item_at_its_smallest_setting(tmp_path):
+    """All seven items on the toy, model vs the same model as oracle: every section, figure and table is written
+    and the two sides agree."""
+    from sp_server.validate.run import ValidationSettings
+    from sp_server.validate.transitions import TransitionSettings
+    settings = ValidationSettings(transport_mesh=(4, 4, 4), transport_temperatures=(100.0, 300.0, 600.0),
+                                  phonon_points=5, double_well_points=7, holdout_frames=3,
+                                  transitions=TransitionSettings(supercell=3, temperatures=(50.0, 600.0), steps=60,
+                                                                 stride=10, cooling=False))
+    res = run_validation(TOY, tmp_path, oracle=model_calculator(load_model(TOY)), oracle_name="model",
+                         settings=settings, log=lambda m: None)
+    assert res["failed"] == {}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["items"]) == {"ground_state", "metastable", "phonons", "transport", "transitions",
+                                  "double_well", "accuracy"}
+    for ph, by in data["metastable"].items():
+        assert by["model"]["energy_mev"] == pytest.approx(by["oracle:model"]["energy_mev"], abs=1e-6), ph
+    assert data["accuracy"]["rmse_forces"] < 1e-6 and data["accuracy"]["frames"] == 3
+    assert len(data["transitions"]["stages"]) == 2 and data["transport"]["mesh"] == [4, 4, 4]
+    summary = (tmp_path / "summary.md").read_text()
+    for title in ("## Ground state", "## Metastable phases", "## Phonons, R", "## Thermal transport",
+                  "## Phase transitions", "## Double well", "## Accuracy on a held-out set"):
+        assert title in summary
+    for name in ("metastable.png", "metastable.csv", "transport.png", "transport.csv", "transitions.png",
+                 "transitions.csv", "accuracy_parity.png", "accuracy_bayesian.png", "phonons_C.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_a_failing_item_is_reported_and_the_others_go_on(tmp_path):
+    res = run_validation(TOY, tmp_path, items=("accuracy", "double_well"), log=lambda m: None)
+    assert "accuracy" in res["failed"] and "held-out set" in res["failed"]["accuracy"]
+    assert "double_well" in res and (tmp_path / "accuracy.error.txt").exists()
+    assert "**accuracy FAILED**" in (tmp_path / "summary.md").read_text()
+    cli = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "validate", str(TOY), "--items", "accuracy",
+                          "-o", str(tmp_path / "cli"), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 1 and "accuracy FAILED" in cli.stdout
