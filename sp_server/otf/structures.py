@@ -78,8 +78,8 @@ def soft_pattern(model: Model, q=(0.0, 0.0, 0.0), alpha: int = 2) -> np.ndarray:
     ``p_i cos(2 pi q.L)`` along alpha.  Every atom of the cubic perovskite sits on a mirror plane normal to alpha,
     and the mirror keeps q and the atoms' cells when q_alpha = 0, so the alpha-polarised modes form their own block
     of the dynamical matrix (summed over a 2x2x2 supercell, dipole-dipole part included); a q with q_alpha = 1/2
-    mixes alpha with the other components and is refused.  At Gamma the uniform translation is projected out.  Normalised to max
-    1, the atom moving most along +alpha."""
+    mixes alpha with the other components and is refused.  At Gamma the uniform translation is projected out.
+    Normalised to max 1, the atom moving most along +alpha."""
     q = np.asarray(q, dtype=float)
     if not np.allclose(np.round(2 * q), 2 * q):
         raise ValueError(f"soft_pattern: q = {q.tolist()} is not Gamma or a zone-boundary point (components 0, 1/2)")
@@ -128,6 +128,40 @@ def polar_structure(model: Model, mesh, phase: str, amplitude: float) -> Atoms:
     if np.abs(u_cell).max() > 0:
         u_cell *= amplitude / np.linalg.norm(u_cell, axis=1).max()
     u = np.broadcast_to(u_cell, tuple(int(n) for n in mesh) + u_cell.shape)
+    return configuration(model, mesh, u)
+
+
+X_POINT, Y_POINT, M_POINT, GAMMA = (0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.5, 0.5, 0.0), (0.0, 0.0, 0.0)
+# the local minima of the polar chain instability of a cubic perovskite (the paper's Table 2): name ->
+# (smallest supercell, [(q, direction d of the soft mode at q)]); spglib finds these space groups (tested)
+PHASES = {
+    "P4/nmm": ((2, 2, 1), [(M_POINT, (0, 0, 1))]),
+    "Pmma": ((2, 1, 1), [(X_POINT, (0, 0, 1))]),
+    "Cmcm": ((2, 1, 1), [(X_POINT, (0, 1, 1))]),
+    "P4mm": ((1, 1, 1), [(GAMMA, (0, 0, 1))]),
+    "Amm2": ((1, 1, 1), [(GAMMA, (1, 1, 0))]),
+    "R3m": ((1, 1, 1), [(GAMMA, (1, 1, 1))]),
+    "Pbcm": ((2, 2, 1), [(X_POINT, (0, 1, 0)), (Y_POINT, (0, 0, 1))]),
+}
+
+
+def phase_structure(model: Model, name: str, amplitude: float = 0.1) -> Atoms:
+    """The reference supercell of the phase ``name`` (a key of :data:`PHASES`) with its pattern: every component
+    ``p_i cos(2 pi q.L)`` along d with largest atomic displacement ``amplitude`` (A)."""
+    if name not in PHASES:
+        raise ValueError(f"unknown phase {name!r}: choose among {list(PHASES)}")
+    mesh, comps = PHASES[name]
+    cells = _cells(mesh)
+    u = np.zeros((len(cells), model.natoms, 3))
+    for q, d in comps:
+        d = np.asarray(d, dtype=float) / np.linalg.norm(d)
+        wave = np.cos(2 * np.pi * cells @ np.asarray(q))
+        part = np.zeros((model.natoms, 3))
+        for alpha in range(3):
+            if d[alpha]:
+                part[:, alpha] = d[alpha] * soft_pattern(model, q, alpha)
+        part *= amplitude / np.linalg.norm(part, axis=1).max()
+        u += wave[:, None, None] * part[None]
     return configuration(model, mesh, u)
 
 

@@ -3,7 +3,8 @@ perovskite, each built from its distortion pattern and relaxed (cell + positions
 
 A phase is a sum of soft modes: the lowest harmonic mode at a wave vector q (Gamma, X or M; reduced coordinates)
 polarised along a Cartesian direction d (:func:`sp_server.otf.structures.soft_pattern`), frozen into the smallest
-supercell that holds all its q.  The patterns below give the space groups named (checked with spglib by the tests):
+supercell that holds all its q (:data:`sp_server.otf.structures.PHASES`); the space groups (checked with spglib by the
+tests):
 
     P4mm    Gamma, d = [001]            Amm2  Gamma, d = [110]             R3m   Gamma, d = [111]
     Pmma    X=(1/2,0,0), d = [001]      Cmcm  X, d = [011]                 P4/nmm  M=(1/2,1/2,0), d = [001]
@@ -21,21 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..model.model import Model
-from ..otf.structures import _cells, configuration, polar_patterns, soft_pattern
+from ..otf.structures import PHASES, _cells, phase_structure, polar_patterns
 from .ground_state import relax
-
-X, Y, M = (0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.5, 0.5, 0.0)
-G = (0.0, 0.0, 0.0)
-# name -> (supercell, [(q, direction)])
-PHASES = {
-    "P4/nmm": ((2, 2, 1), [(M, (0, 0, 1))]),
-    "Pmma": ((2, 1, 1), [(X, (0, 0, 1))]),
-    "Cmcm": ((2, 1, 1), [(X, (0, 1, 1))]),
-    "P4mm": ((1, 1, 1), [(G, (0, 0, 1))]),
-    "Amm2": ((1, 1, 1), [(G, (1, 1, 0))]),
-    "R3m": ((1, 1, 1), [(G, (1, 1, 1))]),
-    "Pbcm": ((2, 2, 1), [(X, (0, 1, 0)), (Y, (0, 0, 1))]),
-}
 
 
 @dataclass
@@ -60,24 +48,6 @@ class Phase:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def phase_structure(model: Model, name: str, amplitude: float = 0.1):
-    """The cubic reference supercell with the phase's pattern; ``amplitude``: largest atomic displacement of each
-    component, A."""
-    mesh, comps = PHASES[name]
-    cells = _cells(mesh)
-    u = np.zeros((len(cells), model.natoms, 3))
-    for q, d in comps:
-        d = np.asarray(d, dtype=float) / np.linalg.norm(d)
-        wave = np.cos(2 * np.pi * cells @ np.asarray(q))
-        part = np.zeros((model.natoms, 3))
-        for alpha in range(3):
-            if d[alpha]:
-                part[:, alpha] = d[alpha] * soft_pattern(model, q, alpha)
-        part *= amplitude / np.linalg.norm(part, axis=1).max()
-        u += wave[:, None, None] * part[None]
-    return configuration(model, mesh, u)
 
 
 def space_group(atoms, symprec: float = 1e-3) -> str:

@@ -24,6 +24,20 @@ def test_wrong_atom_count(toy):
         FrameMapper(toy.reference).map(atoms.cell, atoms.positions[:35], atoms.numbers[:35])
 
 
+def test_a_strongly_strained_cell_keeps_its_mesh(toy):
+    """12 cells along z stretched by 4.5% look like 12.54 cells: the atom count settles it (12 x 12 x 12)."""
+    rng = np.random.default_rng(2)
+    mesh = (12, 12, 12)
+    u = rng.normal(0, 0.05, (int(np.prod(mesh)) * 5, 3))
+    eta = np.array([-0.01, -0.01, 0.045, 0.0, 0.0, 0.0])
+    cell, pos = FrameMapper.frame_from_model(toy.reference, mesh, u, eta)
+    mapper = FrameMapper(toy.reference)
+    assert mapper.supercell_mesh(cell) == (12, 12, 13)          # the length ratios alone are fooled
+    frame = mapper.map(cell, pos, toy.supercell(mesh).numbers)
+    assert frame.mesh == mesh and np.allclose(frame.eta, eta, atol=1e-13)
+    assert np.allclose(frame.u.reshape(-1, 3), u, atol=1e-12)
+
+
 def test_wrong_species(toy):
     atoms = toy.supercell((1, 1, 1))
     with pytest.raises(MappingError, match="species"):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from sp_server.model.native import load_model
-from sp_server.otf.structures import _cells, polar_patterns, soft_pattern
+from sp_server.otf.structures import PHASES, _cells, phase_structure, polar_patterns, soft_pattern
 from sp_server.potential import SupercellPotential
 from sp_server.validate.ground_state import ground_state, model_calculator
-from sp_server.validate.phases import PHASES, amplitudes, phase_structure, relax_phase, space_group
+from sp_server.validate.phases import amplitudes, relax_phase, space_group
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "models" / "toy_perovskite.h5"
