@@ -52,6 +52,15 @@ class FitReport:
     log_evidence: float = float("nan")
 
 
+def fingerprint(atoms, decimals: int = 6) -> str:
+    """Species, positions and cell rounded to ``decimals`` (A): the same structure read back from a file or a store
+    has the same fingerprint (the training statistics keep those of their structures)."""
+    h = hashlib.sha1()
+    for arr in (atoms.numbers, np.round(atoms.positions, decimals), np.round(atoms.cell.array, decimals)):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
 class TrainingSet:
     """Design rows of training structures for a pool of coefficients, kept as per-quantity sufficient statistics."""
 
@@ -65,17 +74,10 @@ class TrainingSet:
         self._seen: set = set()
         self.n_structures = 0
 
-    @staticmethod
-    def _fingerprint(atoms) -> str:
-        h = hashlib.sha1()
-        for arr in (atoms.numbers, np.round(atoms.positions, 6), np.round(atoms.cell.array, 6)):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()
-
     def add(self, atoms, label: str = "structure") -> list:
         """Add one labelled structure; returns warnings (quantities left out).  Raises ValueError when the whole
         structure is unusable (message names it)."""
-        fp = self._fingerprint(atoms)
+        fp = fingerprint(atoms)
         if fp in self._seen:
             raise ValueError(f"{label}: duplicate of an earlier structure (skipped)")
         calc = atoms.calc

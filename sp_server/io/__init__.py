@@ -1,1 +1,2 @@
-"""Readers and writers of other codes' files: ABINIT DDB, MULTIBINIT system/coefficient XML and HIST trajectories."""
+"""Readers and writers of other codes' files: ABINIT DDB, MULTIBINIT system/coefficient XML and HIST trajectories;
+JSON files written atomically (jsonfile)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -40,38 +39,27 @@ from ..fit.fit import (
     QuantityScales,
     TrainingSet,
     add_structures,
+    fingerprint,
     fit_training_set,
 )
 from ..fit.generate import GeneratorSettings, generate_terms
 from ..fit.harmonic import HarmonicSettings, harmonic_from_oracle, read_phonopy_born
+from ..io.jsonfile import write_json
 from ..model.model import Model
 from ..model.native import load_model, save_model
 from ..model.posterior import ErrorThreshold
 from ..model.terms import AnharmonicPart
 from ..oracles import make_oracle
 from ..potential import Evaluator
+from ..server.driver import read_trace
 from ..store import Store
 from .config import OtfConfig
 from .label import LabelChecks, owner_name, run_worker
-from .md import MDJob, MDSettings, run_md
+from .md import MDJob, MDSettings, run_md, trajectory_tail
 from .report import parity_data, rmse, write_report
 from .structures import cubic_perovskite, initial_structures, polar_structure
 
 STAGES = ("setup", "md", "label", "fit", "holdout", "done")
-
-
-def _fingerprint(atoms) -> bytes:
-    """Positions and cell rounded to 1e-5 A: the same frame read back from a file or the store."""
-    return np.round(atoms.positions, 5).tobytes() + np.round(atoms.cell.array, 5).tobytes()
-
-
-def _write_json(path: Path, data):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class OnTheFly:
@@ -106,7 +94,7 @@ class OnTheFly:
 
     def _save_state(self, **changes):
         self.state.update(changes)
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state)
 
     @property
     def oracle(self):
@@ -289,17 +277,17 @@ class OnTheFly:
         for job, outcome in zip(jobs, outcomes):
             if cfg.loop.validation_per_md <= 0 or outcome.status != "done":
                 continue
-            late = self._late_frames(job.directory / "md.pos_0.extxyz")
+            late = trajectory_tail(job.directory / "md.pos_0.extxyz", self.log)
             for idx in rng.choice(len(late), size=min(cfg.loop.validation_per_md, len(late)), replace=False):
                 atoms = late[int(idx)]
                 atoms.calc = None
                 new.append((atoms, {"role": "validation", "origin": "md", "temperature": T,
                                     "iteration": self.state["iteration"], "phase": job.name}))
         # a frame already in the store (e.g. the starting structure, flagged again) is not added twice
-        known = {_fingerprint(r.toatoms()) for r in self.store.rows()}
+        known = {fingerprint(r.toatoms(), 5) for r in self.store.rows()}
         unique = []
         for atoms, meta in new:
-            fp = _fingerprint(atoms)
+            fp = fingerprint(atoms, 5)
             if fp not in known:
                 known.add(fp)
                 unique.append((atoms, meta))
@@ -314,19 +302,8 @@ class OnTheFly:
         # one transaction, once (a restart after this point finds the run in the store; an empty batch is simply
         # redone: it added nothing)
         self.store.add_many(new, run=key)
-        _write_json(folder / "summary.json", record)
+        write_json(folder / "summary.json", record)
         self._save_state(md_steps=self.state["md_steps"] + steps, pending_record=record)
-
-    def _late_frames(self, traj: Path) -> list:
-        """The second half of an i-PI trajectory file ([] when it is missing or unreadable, with a log line)."""
-        if not traj.exists():
-            return []
-        try:
-            frames = ase.io.read(traj, index=":")
-        except Exception as exc:
-            self.log(f"  {traj}: cannot read the trajectory ({exc}); no frame taken from it")
-            return []
-        return frames[len(frames) // 2:]
 
     def holdout_stage(self):
         """The held-out set: ``[loop] holdout_frames`` frames of the last MD at the highest temperature (second
@@ -340,11 +317,12 @@ class OnTheFly:
             if last is not None:
                 for phase, status in (last.get("md_status") or {}).items():
                     if status == "done":
-                        late = self._late_frames(self.dir / "md" / last["key"] / phase / "md.pos_0.extxyz")
+                        late = trajectory_tail(self.dir / "md" / last["key"] / phase / "md.pos_0.extxyz",
+                                               self.log)
                         frames += [(phase, a) for a in late]
             # not the frames already labelled as that MD's validation frames
-            known = {_fingerprint(r.toatoms()) for r in self.store.rows(temperature=top)}
-            frames = [(ph, a) for ph, a in frames if _fingerprint(a) not in known]
+            known = {fingerprint(r.toatoms(), 5) for r in self.store.rows(temperature=top)}
+            frames = [(ph, a) for ph, a in frames if fingerprint(a, 5) not in known]
             picks = np.unique(np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)) \
                 if frames else []
             rows = []
@@ -362,8 +340,7 @@ class OnTheFly:
         q = self.threshold.quantity
         max_err, steps = 0.0, 0
         for trace in sorted((folder / "traces").glob("trace_*.csv")) if (folder / "traces").exists() else []:
-            data = np.genfromtxt(trace, delimiter=",", names=True, skip_header=1)
-            data = np.atleast_1d(data)
+            data = read_trace(trace)
             if data.size == 0:
                 continue
             steps += int(data.size)

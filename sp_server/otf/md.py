@@ -103,6 +103,21 @@ def ipi_executable() -> str:
     return exe
 
 
+def trajectory_tail(traj, log: Optional[Callable] = None) -> list:
+    """The second half of an i-PI trajectory file (its last frame is the trajectory's last); [] when it is
+    missing, empty or unreadable (the last with a line to ``log``)."""
+    traj = Path(traj)
+    if not traj.exists() or traj.stat().st_size == 0:
+        return []
+    try:
+        frames = ase.io.read(traj, index=":")
+    except Exception as exc:
+        if log is not None:
+            log(f"  {traj}: cannot read the trajectory ({exc}); no frame taken from it")
+        return []
+    return frames[len(frames) // 2:]
+
+
 def write_ipi_input(job: MDJob, address: str, settings: MDSettings):
     job.directory.mkdir(parents=True, exist_ok=True)
     ase.io.write(job.directory / "init.extxyz", job.atoms, format="extxyz")

@@ -16,6 +16,7 @@ from ..figures import plt, save
 from ..model.native import load_model
 from ..model.posterior import ErrorThreshold
 from ..potential import Evaluator
+from ..server.driver import read_trace
 from ..store import Store
 from ..units import GPA_EV_A3
 from .config import OtfConfig
@@ -36,8 +37,7 @@ def _traces(run: Path, history: list) -> list:
             trace = folder / "traces" / f"trace_{k}.csv"
             if not trace.exists():
                 continue
-            data = np.atleast_1d(np.genfromtxt(trace, delimiter=",", names=True, skip_header=1))
-            out.append((rec, phase, data))
+            out.append((rec, phase, read_trace(trace)))
     return out
 
 
@@ -88,23 +88,20 @@ def parity_data(store: Store, model, log=None, **filters) -> dict:
     by role: energy (meV/cell, relative to the reference), forces (eV/A), stress (GPa, Voigt).  A frame the model
     cannot map is left out (and named to ``log`` when given)."""
     ev = Evaluator(model)
-    ref_e = model.reference.energy
     out = {}
     for row in store.rows(state="labeled", **filters):
         role = row.get("role", "train")
-        atoms = row.toatoms()
         try:
-            res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers)
+            e, f, s, _ = frame_pairs(ev, row.toatoms())
         except ValueError as exc:
             if log is not None:
                 log(f"  {role} frame id={row.id}: {exc}")
             continue
-        ncell = len(atoms) / model.natoms
         d = out.setdefault(role, {"energy": [], "forces": [], "stress": [], "temperature": [], "origin": []})
         d["origin"].append(str(row.get("origin", "")))
-        d["energy"].append((1000 * (atoms.get_potential_energy() / ncell - ref_e), 1000 * (res.energy / ncell - ref_e)))
-        d["forces"].append(np.stack([atoms.get_forces().ravel(), res.forces.ravel()], axis=1))
-        d["stress"].append(np.stack([atoms.get_stress(), res.stress], axis=1) / GPA_EV_A3)
+        d["energy"].append(e)
+        d["forces"].append(f)
+        d["stress"].append(s)
         d["temperature"].append(float(row.get("temperature", 0.0)))
     for d in out.values():
         d["energy"] = np.array(d["energy"]).reshape(-1, 2)
@@ -114,6 +111,25 @@ def parity_data(store: Store, model, log=None, **filters) -> dict:
         d["temperature"] = np.array(d["temperature"])
         d["origin"] = np.array(d["origin"])
     return out
+
+
+def frame_pairs(ev: Evaluator, atoms, oracle_reference: float | None = None, errors: bool = False):
+    """Oracle and model values of one labelled frame (energy, forces; stress when the label has it), each as
+    pairs (oracle, model): energy (2,) meV per reference cell relative to the reference energy (the oracle's side
+    relative to ``oracle_reference``, eV per cell, when given), forces (3N, 2) eV/A, stress (6, 2) GPa or None.
+    Returns (energy, forces, stress, the model's FrameResult); ValueError when the model cannot map the frame."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+    res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, errors=errors)
+    ref = ev.model.reference.energy
+    oref = ref if oracle_reference is None else float(oracle_reference)
+    ncell = len(atoms) / ev.model.natoms
+    energy = np.array([1000 * (atoms.get_potential_energy() / ncell - oref), 1000 * (res.energy / ncell - ref)])
+    forces = np.stack([np.asarray(atoms.get_forces()).ravel(), res.forces.ravel()], axis=1)
+    try:
+        stress = np.stack([np.asarray(atoms.get_stress()), res.stress], axis=1) / GPA_EV_A3
+    except PropertyNotImplementedError:
+        stress = None
+    return energy, forces, stress, res
 
 
 def rmse(pairs: np.ndarray) -> float:

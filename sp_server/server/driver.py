@@ -53,6 +53,14 @@ class ServeSettings:
                                         # run on every frame regardless
 
 
+def read_trace(path) -> np.ndarray:
+    """A trace file written with ``ServeSettings.trace_dir`` as a structured array, one row per frame (fields:
+    frame, bead, model_version, energy_ev, err_<quantity> (NaN where not computed), untrusted); empty when the
+    file holds no frame yet."""
+    data = np.genfromtxt(path, delimiter=",", names=True, skip_header=1)
+    return np.atleast_1d(data) if data.size else data.reshape(0)
+
+
 class UntrustedFrame(RuntimeError):
     """A frame outside the model's trusted range, with ServeSettings.stop_untrusted set."""
 

@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 
 from ..model.model import Model
+from ..otf.report import frame_pairs, rmse
 from ..potential import Evaluator
-from ..units import GPA_EV_A3
 
 
 @dataclass
@@ -72,34 +72,25 @@ def accuracy(model: Model, frames, *, source: str = "", oracle_reference_energy:
     ``oracle_reference_energy``: the oracle's energy of the model's cubic reference cell (eV per cell); without it the
     energies are compared as given (both relative to the model's reference energy)."""
     ev = Evaluator(model)
-    ref = model.reference.energy
-    oref = ref if oracle_reference_energy is None else float(oracle_reference_energy)
     energies, forces, stress, skipped, bayes, actual = [], [], [], [], [], []
     for k, atoms in enumerate(frames):
         name = atoms.info.get("source", f"frame {k}")
         try:
-            e_o = atoms.get_potential_energy()
-            f_o = atoms.get_forces()
+            atoms.get_potential_energy(), atoms.get_forces()
         except Exception as exc:   # no calculator / no stored results: that frame is unlabelled
             skipped.append(f"{name}: no energy and forces ({type(exc).__name__})")
             continue
         try:
-            s_o = atoms.get_stress()
-        except Exception:
-            s_o = None
-        try:
-            res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, errors=model.posterior is not None)
+            e, f, s, res = frame_pairs(ev, atoms, oracle_reference_energy, errors=model.posterior is not None)
         except ValueError as exc:
             skipped.append(f"{name}: {exc}")
             continue
-        ncell = len(atoms) / model.natoms
-        energies.append((1000 * (e_o / ncell - oref), 1000 * (res.energy / ncell - ref)))
-        pairs = np.stack([np.asarray(f_o).ravel(), res.forces.ravel()], axis=1)
-        forces.append(pairs)
-        if s_o is not None:
-            stress.append(np.stack([np.asarray(s_o), res.stress], axis=1) / GPA_EV_A3)
+        energies.append(e)
+        forces.append(f)
+        if s is not None:
+            stress.append(s)
         bayes.append(float(res.errors["force_max"]) if res.errors else float("nan"))
-        actual.append(float(np.abs(pairs[:, 1] - pairs[:, 0]).max()))
+        actual.append(float(np.abs(f[:, 1] - f[:, 0]).max()))
     for s in skipped:
         log(f"held-out set: left out {s}")
     if not energies:
@@ -107,14 +98,11 @@ def accuracy(model: Model, frames, *, source: str = "", oracle_reference_energy:
     e = np.array(energies)
     f = np.concatenate(forces)
     st = np.array(stress).reshape(-1, 6, 2)
-
-    def rmse(p):
-        return float(np.sqrt(np.mean((p[..., 1] - p[..., 0]) ** 2))) if p.size else float("nan")
-
+    offset = 0.0 if oracle_reference_energy is None else 1000 * (oracle_reference_energy - model.reference.energy)
     parity = {"validation": {"energy": e, "forces": f, "stress": st}}
     return Accuracy(source, len(energies), skipped, rmse(e), rmse(f), rmse(st),
                     float(np.mean(np.abs(e[:, 1] - e[:, 0]))), float(np.abs(f[:, 1] - f[:, 0]).max()), bayes, actual,
-                    float(1000 * (oref - ref)), parity)
+                    float(offset), parity)
 
 
 def sample_frames(model_path, oracle, outdir, *, supercell: int = 2, temperature: float = 300.0, frames: int = 20,
@@ -128,7 +116,7 @@ def sample_frames(model_path, oracle, outdir, *, supercell: int = 2, temperature
 
     from ..model.native import load_model
     from ..model.posterior import ErrorThreshold
-    from ..otf.md import MDJob, MDSettings, run_md
+    from ..otf.md import MDJob, MDSettings, run_md, trajectory_tail
     from ..otf.structures import polar_structure
 
     model = load_model(model_path)
@@ -140,8 +128,7 @@ def sample_frames(model_path, oracle, outdir, *, supercell: int = 2, temperature
     stride = max(1, steps // (4 * frames))
     outcome = run_md(model_path, [job], str(out / "queue.db"), ErrorThreshold(),
                      MDSettings(trajectory_stride=stride))[0]
-    traj = ase.io.read(out / "md" / "md.pos_0.extxyz", index=":")
-    late = traj[len(traj) // 2:]
+    late = trajectory_tail(out / "md" / "md.pos_0.extxyz", log)
     if outcome.status != "done":
         log(f"held-out MD ended {outcome.status} after {outcome.frames} frames: frames taken from what it ran")
     picks = np.unique(np.linspace(0, len(late) - 1, min(frames, len(late))).round().astype(int))
@@ -156,7 +143,7 @@ def sample_frames(model_path, oracle, outdir, *, supercell: int = 2, temperature
             continue
         atoms.calc = SinglePointCalculator(atoms, energy=float(e), forces=np.asarray(f, float),
                                            stress=np.asarray(s, float))
-        atoms.info["source"] = f"held-out MD frame {int(k) + len(traj) // 2}"
+        atoms.info["source"] = f"held-out MD, frame {int(k)} of the second half"
         labelled.append(atoms)
     ase.io.write(out / "holdout.extxyz", labelled, format="extxyz")
     return labelled

@@ -77,6 +77,27 @@ def relax(atoms, calc, *, fmax: float = 1e-3, steps: int = 1000, symmetry: bool 
     return atoms, int(opt.nsteps), converged
 
 
+def displacements(model: Model, mesh, atoms, *, frame_cell: bool = False) -> np.ndarray:
+    """(ncells, nat, 3) displacements (A) of ``atoms`` (in the order of ``model.supercell(mesh)``) from the reference
+    sites, the mass-weighted mean (a uniform translation) removed: fractional differences times the reference cell
+    (the reference axes), or times the frame's own cell when ``frame_cell`` (the sites scaled with the cell, as an
+    MD frame's polarization wants)."""
+    ref = model.supercell(mesh)
+    frac = atoms.get_scaled_positions(wrap=False) - ref.get_scaled_positions(wrap=False)
+    frac -= np.round(frac)
+    u = frac @ (atoms.cell.array if frame_cell else ref.cell.array)
+    m = ref.get_masses()
+    u -= (m[:, None] * u).sum(axis=0) / m.sum()
+    return u.reshape(-1, model.natoms, 3)
+
+
+def cubic_energy(model: Model, calc, mesh=(1, 1, 1)) -> float:
+    """``calc``'s energy (eV) of the model's cubic reference repeated ``mesh``: the zero of every E - E_cubic."""
+    cubic = model.supercell(tuple(mesh))
+    cubic.calc = calc
+    return float(cubic.get_potential_energy())
+
+
 def _charges(model: Model):
     if model.harmonic.born_charges is not None:
         return np.asarray(model.harmonic.born_charges), "model Born charges"
@@ -92,16 +113,12 @@ def ground_state(model: Model, calc, name: str, phase: str = "R", *, fmax: float
                  start_amplitude: float = 0.1) -> GroundState:
     """Relax the ``phase`` (R, O, T) unit cell, started from the model's soft mode along its polar axis, with
     ``calc``; energies relative to the same calculator's energy of the cubic reference."""
-    cubic = model.supercell((1, 1, 1))
-    cubic.calc = calc
-    e_cubic = cubic.get_potential_energy()
+    e_cubic = cubic_energy(model, calc)
     atoms, steps, converged = relax(polar_structure(model, (1, 1, 1), phase, start_amplitude), calc, fmax=fmax)
     par = atoms.cell.cellpar()
     # displacements relative to the A site, in the relaxed cell's own frame mapped back to the cubic axes
-    ref = model.reference
-    frac = atoms.get_scaled_positions(wrap=False) - ref.positions @ np.linalg.inv(ref.cell)
-    frac -= np.round(frac - frac[0])            # no jumps across the cell
-    u = (frac - frac[0]) @ ref.cell
+    u = displacements(model, (1, 1, 1), atoms)[0]
+    u -= u[0]
     charges, label = _charges(model)
     pol = (np.einsum("iab,ib->a", charges, u) / atoms.get_volume() * E_PER_A2_IN_C_PER_M2
            if charges is not None else np.full(3, np.nan))

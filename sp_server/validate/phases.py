@@ -23,7 +23,7 @@ import numpy as np
 
 from ..model.model import Model
 from ..otf.structures import PHASES, _cells, phase_structure, polar_patterns
-from .ground_state import relax
+from .ground_state import cubic_energy, displacements, relax
 
 
 @dataclass
@@ -56,20 +56,6 @@ def space_group(atoms, symprec: float = 1e-3) -> str:
                                  symprec=symprec) or "?"
 
 
-def displacements(model: Model, mesh, atoms, *, frame_cell: bool = False) -> np.ndarray:
-    """(ncells, nat, 3) displacements (A) of ``atoms`` (in the order of ``model.supercell(mesh)``) from the reference
-    sites, the mass-weighted mean (a uniform translation) removed: fractional differences times the reference cell
-    (the reference axes), or times the frame's own cell when ``frame_cell`` (the sites scaled with the cell, as an
-    MD frame's polarization wants)."""
-    ref = model.supercell(mesh)
-    frac = atoms.get_scaled_positions(wrap=False) - ref.get_scaled_positions(wrap=False)
-    frac -= np.round(frac)
-    u = frac @ (atoms.cell.array if frame_cell else ref.cell.array)
-    m = ref.get_masses()
-    u -= (m[:, None] * u).sum(axis=0) / m.sum()
-    return u.reshape(-1, model.natoms, 3)
-
-
 def amplitudes(model: Model, mesh, u: np.ndarray) -> dict:
     """Norm of each commensurate wave vector's component of u ((ncells, nat, 3), A): ||sum_L w(L) u(L)|| / sum_L
     w(L)^2 with w(L) = cos(2 pi q.L), so that a pure wave p w(L) gives ||p||; components below 1e-4 A left out."""
@@ -92,9 +78,7 @@ def relax_phase(model: Model, calc, calc_name: str, name: str, *, fmax: float = 
     t0 = time.monotonic()
     mesh, _ = PHASES[name]
     ncell = int(np.prod(mesh))
-    cubic = model.supercell(mesh)
-    cubic.calc = calc
-    e_cubic = float(cubic.get_potential_energy())
+    e_cubic = cubic_energy(model, calc, mesh)
     start = phase_structure(model, name, amplitude)
     target = space_group(start)
     atoms, nsteps, converged = relax(start, calc, fmax=fmax, steps=steps, symmetry=True)

@@ -24,7 +24,6 @@ W/(m K), J/(K mol), eV/A, GPa.
 from __future__ import annotations
 
 import csv
-import json
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
@@ -34,9 +33,10 @@ from typing import Optional
 import numpy as np
 
 from ..figures import plt, save
+from ..io.jsonfile import write_json
 from ..model.native import load_model
 from . import ITEMS
-from .ground_state import double_well, ground_state, model_calculator
+from .ground_state import cubic_energy, double_well, ground_state, model_calculator
 from .phases import PHASES
 from .transitions import TransitionSettings
 from .transport import DEFAULT_TEMPERATURES
@@ -144,10 +144,7 @@ def run_validation(model_path, outdir, *, oracle=None, oracle_name: str = "oracl
 
 
 def _write(results: dict, out: Path):
-    tmp = out / "results.json.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(_jsonable(results), fh, indent=1)
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", _jsonable(results))
     (out / "summary.md").write_text(_summary(results))
 
 
@@ -282,9 +279,7 @@ def _item_accuracy(ctx: _Context) -> dict:
                                frames=s.holdout_frames, log=ctx.log, progress=ctx.progress)
         source = (f"{len(frames)} frames of a fresh {s.holdout_temperature:g} K NPT MD of the model "
                   f"({s.holdout_supercell}^3), labelled by {oracles[0]}")
-        cubic = ctx.model.supercell((1, 1, 1))   # energies relative to the oracle's own cubic reference
-        cubic.calc = ctx.calcs[oracles[0]]
-        oref = float(cubic.get_potential_energy())
+        oref = cubic_energy(ctx.model, ctx.calcs[oracles[0]])   # energies relative to the oracle's own cubic
     else:
         raise ValueError("accuracy needs a held-out set: --holdout FILE, or an --oracle to label fresh MD frames")
     acc = accuracy(ctx.model, frames, source=source, oracle_reference_energy=oref, log=ctx.log)

@@ -18,19 +18,17 @@ A, C/m^2.
 """
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import ase.io
 import numpy as np
 
 from ..model.model import Model
 from ..model.posterior import ErrorThreshold
-from .ground_state import E_PER_A2_IN_C_PER_M2, _charges
-from .phases import displacements
+from ..server.driver import read_trace
+from .ground_state import E_PER_A2_IN_C_PER_M2, _charges, displacements
 
 TRANSITIONS = (("R-O", 3), ("O-T", 2), ("T-C", 1))   # name, number of "on" components of the lower phase
 
@@ -122,11 +120,7 @@ def detect(stages: list, direction: str) -> dict:
 
 def _trace_stats(trace: Path) -> float:
     """Largest force error (eV/A) in a server trace (frames without errors are NaN)."""
-    if not trace.exists():
-        return float("nan")
-    with open(trace) as fh:
-        rows = [r for r in csv.DictReader(line for line in fh if not line.startswith("#"))]
-    vals = np.array([float(r["err_force_max"]) for r in rows]) if rows else np.array([np.nan])
+    vals = read_trace(trace)["err_force_max"] if trace.exists() else np.array([])
     return float(np.nanmax(vals)) if np.isfinite(vals).any() else float("nan")
 
 
@@ -138,7 +132,7 @@ def phase_transitions(model_path, outdir, settings: TransitionSettings = Transit
     from tqdm.auto import tqdm
 
     from ..model.native import load_model
-    from ..otf.md import MDJob, MDSettings, run_md
+    from ..otf.md import MDJob, MDSettings, run_md, trajectory_tail
     from ..otf.structures import polar_structure
 
     model = load_model(model_path)
@@ -175,9 +169,7 @@ def phase_transitions(model_path, outdir, settings: TransitionSettings = Transit
         outcome = run_md(model_path, [job], str(folder / "queue.db"), ErrorThreshold(), md,
                          progress=lambda frames: bar.update(max(0, done0 + min(frames, settings.steps) - bar.n)))[0]
         bar.update(max(0, done0 + settings.steps - bar.n))
-        traj = folder / "md" / "md.pos_0.extxyz"
-        frames = ase.io.read(traj, index=":") if traj.exists() and traj.stat().st_size else []
-        tail = frames[len(frames) // 2:]
+        tail = trajectory_tail(folder / "md" / "md.pos_0.extxyz", log)
         if tail:
             pols = np.array([frame_polarization(model, mesh, f, charges) for f in tail])
             sorted_p = np.sort(np.abs(pols), axis=1)[:, ::-1].mean(axis=0)
@@ -203,7 +195,7 @@ def phase_transitions(model_path, outdir, settings: TransitionSettings = Transit
                 f"the MD left the model's trusted range or failed (see {folder / 'md' / 'ipi.log'} and the queue "
                 f"{folder / 'queue.db'}); the ladder stops here")
             break
-        atoms = frames[-1]
+        atoms = tail[-1]
     bar.close()
     for direction in ("heating", "cooling"):
         if any(s.direction == direction for s in result.stages):
