@@ -19,6 +19,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.socketio import SocketIOCalculator
 
 from ..fit.harmonic import OracleError
+from ..processes import stop_process
 
 
 class _Watch:
@@ -41,12 +42,7 @@ class _Watch:
         try:
             return self.process.wait(10)
         except subprocess.TimeoutExpired:
-            self.process.terminate()
-            try:
-                return self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                return self.process.wait()
+            return stop_process(self.process, 10)
 
 
 class _SocketIO(SocketIOCalculator):
@@ -131,12 +127,7 @@ class SocketOracle(Calculator):
             except Exception:
                 pass
             self._io = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, 10)
         self._signature = None
 
 

@@ -25,6 +25,7 @@ import ase.io
 from ase import Atoms
 
 from ..model.posterior import ErrorThreshold
+from ..processes import stop_process
 from ..server.driver import ForceServer, ServeSettings
 
 log = logging.getLogger("sp_server.otf.md")
@@ -138,17 +139,6 @@ def _die_with_parent():
         pass
 
 
-def _stop(proc: subprocess.Popen, grace: float = 5.0):
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThreshold,
            settings: MDSettings = MDSettings(), progress: Optional[Callable] = None) -> list[MDOutcome]:
     """Run the jobs concurrently (one i-PI each, one server); returns one outcome per job.  ``progress(done)`` is
@@ -183,7 +173,7 @@ def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThresh
                 outcome = server.outcomes.get(k)
                 if outcome is not None and outcome != "exit":
                     status[k] = outcome  # untrusted frame or a broken connection: stop that i-PI
-                    _stop(proc)
+                    stop_process(proc)
                 elif proc.poll() is not None and outcome is None and k not in server.connected:
                     status[k] = "error"  # i-PI died before a client connected
                     log.error("MD %s: i-PI exited with %s before the server connected (see %s)", jobs[k].name,
@@ -207,7 +197,7 @@ def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThresh
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     pass
-            _stop(proc)
+            stop_process(proc)
         for address in addresses:
             Path(f"/tmp/ipi_{address}").unlink(missing_ok=True)
     outcomes = []
