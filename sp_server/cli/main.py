@@ -134,7 +134,8 @@ def _cmd_fit(args):
     ready = False  # only a model that passed the boundedness check is "ready"
     if not args.no_bound:
         # the same selection, refitted with the bounding terms held at growing values until the check passes
-        model, report, bound = fit_bounded(ts, base, select=args.select, bounding=list(fixed_off), report=report)
+        model, report, bound = fit_bounded(ts, base, select=args.select, bounding=list(fixed_off),
+                                           fitted=(model, report))
         ready = bound.bounded
         model.metadata["bounded"] = bound.bounded
     model.metadata["ready"] = ready

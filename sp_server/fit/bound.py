@@ -162,7 +162,8 @@ def bound_model(model: Model, settings: BoundSettings = BoundSettings(), *, star
 
 
 def fit_bounded(ts, base: Model, *, select=None, bounding: list, settings: BoundSettings = BoundSettings(),
-                values=(1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0), name=None, version=None, report=None, log=print):
+                values=(1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0), name=None, version=None, report=None, log=print,
+                fitted=None):
     """Fit on the training set ``ts`` (a :class:`sp_server.fit.fit.TrainingSet`) whose pool contains the bounding
     coefficients at the pool indices ``bounding`` (see :func:`bounding_coefficients`): forward selection among the
     other coefficients, the boundedness check, and when it fails a refit of the same selection with the bounding
@@ -170,10 +171,14 @@ def fit_bounded(ts, base: Model, *, select=None, bounding: list, settings: Bound
 
     Returns (model, fit report, bound report).  When no value passes, the model that came closest (fewest failing
     directions, then the hot MD surviving, then the lowest training force error) is returned with
-    report.bounded False."""
+    report.bounded False.  ``fitted``: the (model, report) of that first fit (bounding terms at zero) when the
+    caller has made it already; its selection is then not redone."""
     from .fit import fit_training_set
     off = {int(j): 0.0 for j in bounding}
-    model, rep = fit_training_set(ts, base, select=select, fixed=off, name=name, version=version, report=report)
+    if fitted is None:
+        model, rep = fit_training_set(ts, base, select=select, fixed=off, name=name, version=version, report=report)
+    else:
+        model, rep = fitted
     check = check_bounded(model, settings)
     log(f"boundedness: {'ok' if check.bounded else 'NOT bounded'} ({check.n_failing_directions} of "
         f"{settings.n_directions} directions fail; {check.md_message})")

@@ -20,7 +20,6 @@ labelled frames are never labelled again.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -495,9 +494,3 @@ class OnTheFly:
             except ValueError:
                 continue
         return float(np.median(values)) if values else 0.0
-
-
-def run_otf(config_path, *, progress: bool = True) -> Path:
-    """`sp-server otf CONFIG.toml`: run or continue the loop; returns the final model's path."""
-    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
-    return OnTheFly(OtfConfig.load(config_path), progress=progress).run()
