@@ -4,9 +4,11 @@
 Model: the toy perovskite's harmonic part (short range + dipole-dipole by Ewald, a0 = 4 A) with ~100
 symmetry-adapted anharmonic coefficients of order 3..6 (some with strain) generated from random seed monomials
 over the atom pairs within 2.89 A (the paper's cutoff: Ti-O, Ba-O and O-O neighbours), orbits under Pm-3m.
+Or any model file (``--model``; e.g. the shipped BaTiO3 model): with a posterior it also times the Bayesian
+errors (what the force server adds to every frame unless ``--error-stride`` thins them).
 Prints a table (atom-evaluations per second) and the command that made it.
 
-    python tools/bench_eval.py [--sizes 2 4 6 8 12 16] [--repeat 5] [--threads N]
+    python tools/bench_eval.py [--sizes 2 4 6 8 12 16] [--repeat 5] [--threads N] [--model MODEL.h5]
 """
 from __future__ import annotations
 
@@ -83,17 +85,25 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     ap.add_argument("--no-design", action="store_true")
+    ap.add_argument("--model", help="a model file instead of the synthetic benchmark model")
     args = ap.parse_args(argv)
     if args.threads:
         numba.set_num_threads(args.threads)
-    model = benchmark_model()
+    if args.model:
+        from sp_server.model.native import load_model
+        model = load_model(args.model)
+    else:
+        model = benchmark_model()
+    errors = model.posterior is not None
     nterms = sum(len(c.terms) for c in model.anharmonic.coefficients)
     nfac = sum(len(t.displacements) for c in model.anharmonic.coefficients for t in c.terms)
-    print(f"# sp_server bench_eval: {len(model.anharmonic)} coefficients, {nterms} terms, {nfac} displacement "
-          f"factors; dipole-dipole on; numba threads {numba.get_num_threads()}; {platform.processor() or platform.machine()}")
+    print(f"# sp_server bench_eval: {args.model or 'synthetic model'}: {len(model.anharmonic)} coefficients, "
+          f"{nterms} terms, {nfac} displacement factors; dipole-dipole "
+          f"{'on' if model.harmonic.born_charges is not None else 'off'}; numba threads {numba.get_num_threads()}; "
+          f"{platform.processor() or platform.machine()}")
     print(f"# command: {' '.join([sys.executable.split('/')[-1], 'tools/bench_eval.py'] + (argv or sys.argv[1:]))}")
     print(f"{'cells':>8} {'atoms':>7} {'setup s':>8} {'E+F+S ms':>9} {'atom-evals/s':>13} {'+design ms':>11} "
-          f"{'atom-evals/s':>13}")
+          f"{'atom-evals/s':>13}" + (f" {'+errors ms':>11}" if errors else ""))
     ev = Evaluator(model)
     rng = np.random.default_rng(1)
     for n in args.sizes:
@@ -109,6 +119,9 @@ def main(argv=None):
         if not args.no_design:
             t_d = timeit(lambda: ev.evaluate(cell, pos, num, design=True), max(1, args.repeat // 2))
             row += f" {1e3 * t_d:11.2f} {len(atoms) / t_d:13.3g}"
+        if errors:
+            t_b = timeit(lambda: ev.evaluate(cell, pos, num, errors=True), max(1, args.repeat // 2))
+            row += f" {1e3 * t_b:11.2f}"
         print(row, flush=True)
 
 
