@@ -102,8 +102,9 @@ def main(argv=None):
           f"{'on' if model.harmonic.born_charges is not None else 'off'}; numba threads {numba.get_num_threads()}; "
           f"{platform.processor() or platform.machine()}")
     print(f"# command: {' '.join([sys.executable.split('/')[-1], 'tools/bench_eval.py'] + (argv or sys.argv[1:]))}")
-    print(f"{'cells':>8} {'atoms':>7} {'setup s':>8} {'E+F+S ms':>9} {'atom-evals/s':>13} {'+design ms':>11} "
-          f"{'atom-evals/s':>13}" + (f" {'+errors ms':>11}" if errors else ""))
+    print(f"{'cells':>8} {'atoms':>7} {'setup s':>8} {'E+F+S ms':>9} {'atom-evals/s':>13}"
+          + ("" if args.no_design else f" {'+design ms':>11} {'atom-evals/s':>13}")
+          + (f" {'+errors ms':>11}" if errors else ""))
     ev = Evaluator(model)
     rng = np.random.default_rng(1)
     for n in args.sizes:

@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--wait", type=float, default=600.0, help="seconds to retry until the engine is up")
     sv.add_argument("--error-stride", type=int, default=1, metavar="N",
                     help="Bayesian errors (and flagging) every N-th frame of a connection (default 1: every frame; "
-                         "on large supercells they cost about twice the energy and forces)")
+                         "they cost several times the energy and forces: tools/bench_eval.py --model)")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
     sv.set_defaults(func=_cmd_serve)
 

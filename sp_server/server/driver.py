@@ -48,9 +48,9 @@ class ServeSettings:
     trace_dir: Optional[str] = None     # write every frame's energy and Bayesian errors to trace_dir/trace_K.csv
     excursion_frames: int = 1           # frames queued from an excursion that ended untrusted (its first frame
                                         # above the threshold, then spread along it)
-    error_stride: int = 1               # Bayesian errors (and flagging) every n-th frame of a connection: on large
-                                        # supercells they cost ~2x the energy + forces; the trusted-range checks
-                                        # run on every frame regardless
+    error_stride: int = 1               # Bayesian errors (and flagging) every n-th frame of a connection: they cost
+                                        # several times the energy + forces (tools/bench_eval.py --model); the
+                                        # trusted-range checks run on every frame regardless
 
 
 def read_trace(path) -> np.ndarray:
