@@ -1,4 +1,5 @@
-"""Child processes we start (i-PI, socket clients): stopping them without leaving zombies or waiting forever."""
+"""Child processes we start (i-PI, socket clients, mpiexec, isolated oracles): stopping them without leaving zombies
+or waiting forever, and making them die with us."""
 from __future__ import annotations
 
 import signal
@@ -17,3 +18,13 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> int | None:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """In a child (before exec, or first thing in a Python child; Linux): receive ``sig`` when the process that
+    started it dies, even by SIGKILL, so that a killed parent leaves nothing behind.  Elsewhere a no-op."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass

@@ -204,10 +204,10 @@ def _add_oracle_arguments(parser, required=True):
 
 
 def _cmd_label(args):
-    from ..oracles import make_oracle
+    from ..oracles import isolated_oracle
     from ..otf.label import LabelChecks, run_workers_mpi
     options = _oracle_options(args)
-    counts = run_workers_mpi(args.store, lambda: make_oracle(args.oracle, options),
+    counts = run_workers_mpi(args.store, lambda: isolated_oracle(args.oracle, options, args.call_timeout),
                              checks=LabelChecks(max_force=args.max_force), batch=args.batch,
                              lease_seconds=args.lease, max_attempts=args.max_attempts,
                              progress=not args.no_progress)
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a claim lasts; a crashed worker's frames are retried after it")
     lb.add_argument("--max-attempts", type=int, default=3, help="failed attempts before a frame is 'failed'")
     lb.add_argument("--max-force", type=float, default=50.0, help="eV/A: a larger force is a failed label")
+    lb.add_argument("--call-timeout", type=float, default=3600.0, metavar="S",
+                    help="seconds per oracle call: the oracle runs in a child process, killed (with everything it "
+                         "launched) past this limit, a failed attempt; 0: in the worker, no limit (default 3600)")
     lb.add_argument("--no-progress", action="store_true")
     lb.set_defaults(func=_cmd_label)
 

@@ -28,14 +28,17 @@ engineering shear, as everywhere in sp_server):
 5. Model(reference with the oracle's energy, harmonic part, metadata: settings, oracle, lattice constant,
    residual forces and stress, number of oracle calls, warnings).
 
-Oracle failures (an exception, NaN/inf or wrongly shaped results) raise :class:`OracleError` (a RuntimeError)
+Oracle failures (an exception, NaN/inf, absurd or wrongly shaped results) are retried (``attempts``); a
+configuration that keeps failing raises :class:`OracleError` (a RuntimeError)
 naming the step and the configuration; nothing is ever silently replaced by zeros.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -104,21 +107,74 @@ def _oracle_name(calc) -> str:
 
 
 class _Oracle:
-    """Calls the calculator on copies of the configurations and checks every result."""
+    """Calls the calculator on copies of the configurations and checks every result.
 
-    def __init__(self, calc, log, progress: bool):
+    A failed call (an exception, a time-out of an isolated oracle, NaN/inf or malformed results) is retried up to
+    ``attempts`` times in all, each failure logged; only a call that keeps failing raises :class:`OracleError`.
+    With ``cache_dir`` every accepted result is kept there (one .npz per configuration, written atomically), so a
+    stopped or failed run that is started again repeats no call that had succeeded."""
+
+    def __init__(self, calc, log, progress: bool, attempts: int = 3, cache_dir=None):
         self.calc = calc
         self.name = _oracle_name(calc)
         self.log = log
         self.progress = progress
-        self.ncalls = 0
+        self.attempts = max(int(attempts), 1)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.ncalls = 0          # configurations computed (cached ones included: the same figure after a restart)
+        self.nfailed = 0         # failed attempts
+        self.ncached = 0
+
+    def _key(self, atoms: Atoms, props) -> str:
+        h = hashlib.sha1()
+        h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+        h.update(np.round(atoms.positions, 10).tobytes())
+        h.update(np.round(atoms.cell.array, 10).tobytes())
+        h.update(",".join(props).encode())
+        return h.hexdigest()
 
     def __call__(self, atoms: Atoms, step: str, label: str, props=("energy", "forces", "stress")) -> dict:
-        a = atoms.copy()
-        a.calc = self.calc
         self.ncalls += 1
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"{self._key(atoms, props)}.npz"
+            if path.exists():
+                try:
+                    with np.load(path) as data:
+                        out = {p: np.array(data[p]) for p in props}
+                    self.ncached += 1
+                    if "energy" in out:
+                        out["energy"] = float(out["energy"])
+                    return out
+                except Exception:   # a damaged cache file is computed again
+                    pass
         if self.progress:
             self.log(f"  [{step}] oracle call {self.ncalls}: {label}")
+        errors = []
+        for attempt in range(1, self.attempts + 1):
+            try:
+                out = self._call(atoms, step, label, props)
+            except OracleError as exc:
+                self.nfailed += 1
+                errors.append(str(exc))
+                if attempt < self.attempts:
+                    self.log(f"  [{step}] attempt {attempt} of {self.attempts} failed: {exc}; retrying")
+                continue
+            if path is not None:
+                tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+                np.savez(tmp, **out)
+                os.replace(tmp, path)
+            return out
+        raise OracleError(f"{errors[-1]} (failed {self.attempts} time(s); earlier: "
+                          f"{'; '.join(e.rsplit(': ', 1)[-1] for e in errors[:-1]) or '-'})")
+
+    def _call(self, atoms: Atoms, step: str, label: str, props) -> dict:
+        a = atoms.copy()
+        if hasattr(self.calc, "reset"):  # nothing cached from a failed attempt may leak into this one
+            self.calc.reset()
+        a.calc = self.calc
         where = f"oracle {self.name} failed in step '{step}' on configuration '{label}'"
         out = {}
         try:
@@ -141,9 +197,15 @@ class _Oracle:
                 raise OracleError(f"{where}: {p} has shape {v.shape}, expected {shapes[p]}")
             if not np.all(np.isfinite(v)):
                 raise OracleError(f"{where}: non-finite {p} (NaN or inf)")
+        if "forces" in out and len(a) and np.abs(out["forces"]).max() > self.max_force:
+            raise OracleError(f"{where}: force {np.abs(out['forces']).max():.3g} eV/A above the accepted "
+                              f"{self.max_force:g} eV/A")
         if "energy" in out:
             out["energy"] = float(out["energy"])
         return out
+
+    #: eV/A: a larger force on a configuration of the harmonic part means a broken calculation
+    max_force = 50.0
 
 
 def _strained(atoms: Atoms, eta) -> Atoms:
@@ -504,14 +566,18 @@ def _born_input(born, atoms: Atoms, settings: HarmonicSettings, oracle: _Oracle)
 # driver
 # ----------------------------------------------------------------------------------------------------------------
 def harmonic_from_oracle(atoms: Atoms, calc, settings: Optional[HarmonicSettings] = None, *, born=None,
-                         log: Optional[Callable] = print, progress: bool = False, name: Optional[str] = None) -> Model:
+                         log: Optional[Callable] = print, progress: bool = False, name: Optional[str] = None,
+                         attempts: int = 3, cache_dir=None) -> Model:
     """The harmonic part of a second-principles model (short-range IFCs, Born charges / epsilon_inf, clamped-ion
     elastic tensor, internal strain) from an ASE calculator ``calc`` around the reference unit cell ``atoms``.
 
     born: a phonopy BORN file path, a dict {'born', 'dielectric'} or a pair (born (nat,3,3), epsilon (3,3)) with
     Z[i, g, a] = dP_g / du_a; None: from the calculator if it implements ASE's 'born_effective_charges' and
     'dielectric_tensor', otherwise no dipole-dipole part.  log: a print-like callable (None: silent).
-    progress: log every oracle call.  Returns a Model without anharmonic terms (see the module docstring)."""
+    progress: log every oracle call.  attempts: tries per configuration before the oracle's failure stops the
+    calculation (OracleError).  cache_dir: keep every oracle result there, so that a run started again after a stop
+    or a failure repeats no successful call.  Returns a Model without anharmonic terms (see the module
+    docstring)."""
     settings = settings or HarmonicSettings()
     log = _quiet if log is None else log
     mesh = settings.mesh()
@@ -521,7 +587,7 @@ def harmonic_from_oracle(atoms: Atoms, calc, settings: Optional[HarmonicSettings
         warns.append(msg)
         log(f"WARNING: {msg}")
 
-    oracle = _Oracle(calc, log, progress)
+    oracle = _Oracle(calc, log, progress, attempts=attempts, cache_dir=cache_dir)
     ref = atoms.copy()
     ref.calc = None
     ref.pbc = True
@@ -614,6 +680,7 @@ def harmonic_from_oracle(atoms: Atoms, calc, settings: Optional[HarmonicSettings
         "internal_strain_sum_violation": lam_sum,
         "elastic_asymmetry": asym,
         "n_oracle_calls": oracle.ncalls,
+        "n_failed_oracle_calls": oracle.nfailed,
         "warnings": warns,
         **fc_info,
     }

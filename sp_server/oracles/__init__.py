@@ -3,8 +3,10 @@
 ``make_oracle(spec, options)`` understands: ``emt`` (ASE's EMT, for tests), ``model`` (a second-principles
 model file as the oracle, option ``path``: teacher-student tests), ``chgnet`` and ``sevenn`` (offline
 DFT stand-ins, optional packages), ``abinit`` (ABINIT through ASE, launched with MPI; :mod:`.abinit`), ``socket``
-(any i-PI protocol client: LAMMPS fix ipi, CP2K, pw.x --ipi; :mod:`.socket`) and ``package.module:factory`` for
-any ASE calculator class or factory (called with the options as keyword arguments).  A missing optional
+(any i-PI protocol client: LAMMPS fix ipi, CP2K, pw.x --ipi; :mod:`.socket`), ``faulty`` (another oracle with
+faults injected on purpose, :mod:`.faults`) and ``package.module:factory`` for any ASE calculator class or factory
+(called with the options as keyword arguments).  :func:`isolated_oracle` runs any of them in a child process with a
+time limit per call (:mod:`.isolated`).  A missing optional
 package gives a clear error naming what to install.
 """
 from __future__ import annotations
@@ -55,13 +57,19 @@ def _socket(**options):
     return make_socket_oracle(**options)
 
 
+def _faulty(**options):
+    from .faults import FaultyOracle
+    return FaultyOracle(**options)
+
+
 def _model(path: str, **options):
     from ..calculator import SecondPrinciplesCalculator
     from ..model.native import load_model
     return SecondPrinciplesCalculator(load_model(path), **options)
 
 
-BUILTIN = {"emt": _emt, "model": _model, "chgnet": _chgnet, "sevenn": _sevenn, "abinit": _abinit, "socket": _socket}
+BUILTIN = {"emt": _emt, "model": _model, "chgnet": _chgnet, "sevenn": _sevenn, "abinit": _abinit, "socket": _socket,
+           "faulty": _faulty}
 
 
 def make_oracle(spec: str, options: dict | None = None):
@@ -84,3 +92,13 @@ def make_oracle(spec: str, options: dict | None = None):
     if not hasattr(calc, "get_potential_energy") and not hasattr(calc, "calculate"):
         raise OracleSpecError(f"oracle {spec!r} did not give an ASE calculator (got {type(calc).__name__})")
     return calc
+
+
+def isolated_oracle(spec: str, options: dict | None = None, timeout_s: float | None = 3600.0):
+    """``make_oracle(spec, options)`` in a child process, each call limited to ``timeout_s`` seconds (a hang kills
+    the oracle's processes and is a failed call; a crash too).  ``timeout_s`` None or <= 0: in this process, no
+    limit."""
+    if not timeout_s or timeout_s <= 0:
+        return make_oracle(spec, options)
+    from .isolated import IsolatedOracle
+    return IsolatedOracle(spec, options, timeout_s)

@@ -121,8 +121,10 @@ class LabelConfig:
     workers: int = 1              # >1: `mpiexec -n workers sp-server label` (mpi4py) instead of in-process
     mpiexec: str = "mpiexec"
     max_force: float = 50.0       # eV/A: a larger oracle force is a failed label
-    max_attempts: int = 3
+    max_attempts: int = 3         # failed attempts (errors, bad labels, time-outs, a worker dying) before 'failed'
     lease_s: float = 3600.0
+    call_timeout_s: float = 3600.0  # s per oracle call: the oracle runs in a child process, killed (with all it
+                                  # launched) past this limit, a failed attempt; 0: in-process, no limit
 
 
 SECTIONS = {"system": SystemConfig, "harmonic": HarmonicConfig, "terms": TermsConfig, "initial": InitialConfig,

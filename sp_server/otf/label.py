@@ -83,6 +83,8 @@ def run_worker(store: Store, calc, *, owner: Optional[str] = None, checks: Label
         while max_frames is None or handled < max_frames:
             n = batch if max_frames is None else min(batch, max_frames - handled)
             claimed = store.claim(owner, n=n, lease_seconds=lease_seconds)
+            if not claimed and store.release_dead_claims():   # a worker of this host died mid-call: its claims
+                claimed = store.claim(owner, n=n, lease_seconds=lease_seconds)   # go back, the others go on
             if not claimed:
                 break
             for frame_id, atoms in claimed:

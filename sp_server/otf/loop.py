@@ -48,8 +48,9 @@ from ..model.model import Model
 from ..model.native import load_model, save_model
 from ..model.posterior import ErrorThreshold
 from ..model.terms import AnharmonicPart
-from ..oracles import make_oracle
+from ..oracles import isolated_oracle
 from ..potential import Evaluator
+from ..processes import die_with_parent, stop_process
 from ..server.driver import read_trace
 from ..store import Store
 from .config import OtfConfig
@@ -98,7 +99,8 @@ class OnTheFly:
     @property
     def oracle(self):
         if self._oracle is None:
-            self._oracle = make_oracle(self.config.oracle, self.config.oracle_options)
+            self._oracle = isolated_oracle(self.config.oracle, self.config.oracle_options,
+                                           self.config.label.call_timeout_s)
         return self._oracle
 
     def schedule(self) -> list:
@@ -180,8 +182,11 @@ class OnTheFly:
                                   strain_step=cfg.harmonic.strain_step, relax_lattice=cfg.harmonic.relax_lattice)
             born = read_phonopy_born(cfg.harmonic.born, atoms) if cfg.harmonic.born else None
             self.log(f"harmonic part from the oracle {cfg.oracle} on a {hs.mesh()} supercell")
+            # every call retried like a label, every result kept in harmonic_calls/: a stop or a failure here is
+            # continued by the same command without repeating what was computed
             harmonic = harmonic_from_oracle(atoms, self.oracle, hs, born=born, name="otf",
-                                            log=lambda m: self.log(f"  {m}"))
+                                            log=lambda m: self.log(f"  {m}"), attempts=cfg.label.max_attempts,
+                                            cache_dir=self.dir / "harmonic_calls")
             save_model(harmonic, harmonic_path)
             calls = int(harmonic.metadata["n_oracle_calls"])
             self._save_state(harmonic_calls=calls, oracle_calls=calls)
@@ -362,12 +367,20 @@ class OnTheFly:
             return
         t0 = time.monotonic()
         before = self.store.counts()["labeled"]
-        if cfg.label.workers > 1:
-            self._label_mpi()
-        else:
-            run_worker(self.store, self.oracle, owner=owner_name("otf"),
-                       checks=LabelChecks(max_force=cfg.label.max_force), lease_seconds=cfg.label.lease_s,
-                       progress=self.progress, log=lambda m: self.log(f"  {m}"))
+        # a labelling process that dies mid-call (MPI takes its sibling ranks with it) leaves claims behind: they
+        # go back to pending (the attempt counts) and the workers are started again, while that makes progress
+        for _ in range(cfg.label.max_attempts + 1):
+            if cfg.label.workers > 1:
+                self._label_mpi()
+            else:
+                run_worker(self.store, self.oracle, owner=owner_name("otf"),
+                           checks=LabelChecks(max_force=cfg.label.max_force), lease_seconds=cfg.label.lease_s,
+                           progress=self.progress, log=lambda m: self.log(f"  {m}"))
+            released = self.store.release_dead_claims()
+            if released:
+                self.log(f"  {released} claim(s) of a labelling process that died mid-call returned to pending")
+            if not self.store.counts()["pending"]:
+                break
         counts = self.store.counts()
         labeled = counts["labeled"] - before
         # oracle calls: the harmonic part's + one per labelled or failed frame in the store (so a labelling process
@@ -386,11 +399,16 @@ class OnTheFly:
         cmd = [cfg.label.mpiexec, "-n", str(cfg.label.workers), sys.executable, "-m", "sp_server.cli.main",
                "label", str(self.dir / "store.db"), "--oracle", cfg.oracle, "--oracle-config", str(cfg.path),
                "--max-force", str(cfg.label.max_force), "--max-attempts", str(cfg.label.max_attempts),
-               "--lease", str(cfg.label.lease_s)]
+               "--lease", str(cfg.label.lease_s), "--call-timeout", str(cfg.label.call_timeout_s)]
         if not self.progress:
             cmd.append("--no-progress")
         self.log("  " + " ".join(cmd))
-        subprocess.run(cmd, check=False)
+        # mpiexec gets SIGTERM if the loop dies (even by SIGKILL) and takes its ranks with it
+        proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+        try:
+            proc.wait()
+        finally:
+            stop_process(proc)
 
     # ------------------------------------------------------------------------------------------------ refit
     def fit_stage(self):

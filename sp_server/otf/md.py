@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -25,13 +24,13 @@ import ase.io
 from ase import Atoms
 
 from ..model.posterior import ErrorThreshold
-from ..processes import stop_process
+from ..processes import die_with_parent, stop_process
 from ..server.driver import ForceServer, ServeSettings
 
 log = logging.getLogger("sp_server.otf.md")
 
 IPI_INPUT = """<!-- written by sp_server.otf: NPT (flexible cell) served by the sp_server force server -->
-<simulation verbosity='low' safe_stride='{steps}'>
+<simulation verbosity='low' safe_stride='{steps}' floatformat='%24.16e'>
   <output prefix='md'>
     <properties stride='10' filename='out'> [ step, time{{picosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, potential{{electronvolt}}, volume{{angstrom3}}, pressure_md{{gigapascal}} ] </properties>
     <trajectory filename='pos' stride='{stride}' format='ase'> positions </trajectory>
@@ -129,16 +128,6 @@ def write_ipi_input(job: MDJob, address: str, settings: MDSettings):
         tau_p=float(settings.barostat_tau_fs)))
 
 
-def _die_with_parent():
-    """In the child before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL, so that a
-    killed loop leaves no i-PI behind waiting for its server.  Elsewhere a no-op."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-
 def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThreshold,
            settings: MDSettings = MDSettings(), progress: Optional[Callable] = None) -> list[MDOutcome]:
     """Run the jobs concurrently (one i-PI each, one server); returns one outcome per job.  ``progress(done)`` is
@@ -159,7 +148,7 @@ def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThresh
     for job in jobs:
         with open(job.directory / "ipi.log", "w") as out:
             procs.append(subprocess.Popen([ipi, "input.xml"], cwd=job.directory, stdout=out,
-                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent))
     thread = threading.Thread(target=server.serve_forever, name="otf-server", daemon=True)
     thread.start()
     t0 = time.monotonic()

@@ -14,8 +14,9 @@ import logging
 import queue
 import threading
 
-import ase.db
 from ase import Atoms
+
+from ..store.db import connect
 
 log = logging.getLogger("sp_server.queue")
 
@@ -27,7 +28,7 @@ class FlagQueue:
         self._batch_seconds = batch_seconds
         self._closed = threading.Event()
         self.written = 0
-        with ase.db.connect(self.url, serial=True):  # fail early, in the caller, on a bad URL or path
+        with connect(self.url):  # fail early, in the caller, on a bad URL or path
             pass
         self._thread = threading.Thread(target=self._writer, name="flag-queue-writer", daemon=True)
         self._thread.start()
@@ -51,7 +52,7 @@ class FlagQueue:
 
     def _write(self, batch):
         try:
-            with ase.db.connect(self.url, serial=True) as db:
+            with connect(self.url) as db:
                 for r in batch:
                     atoms = Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=True)
                     reason = r.get("reason", "")

@@ -1,17 +1,15 @@
 """ase.db-backed store of frames with atomic claims and leases (see the package docstring)."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Optional
 
-import ase.db
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
+
+from .db import connect, is_postgres, store_lock
 
 STATES = ("pending", "claimed", "labeled", "failed", "excluded")
 
@@ -26,37 +24,16 @@ class Store:
     def __init__(self, url, *, max_attempts: int = 3):
         self.url = str(url)
         self.max_attempts = int(max_attempts)
-        self.is_postgres = self.url.startswith("postgresql://")
+        self.is_postgres = is_postgres(self.url)
         with self._db():
             pass
 
     def _db(self):
-        # serial=True: every process (MPI rank) talks to the database itself; ase.db's default under MPI would
-        # make rank 0 read and broadcast, which deadlocks ranks that work independently
-        return ase.db.connect(self.url, serial=True)
+        return connect(self.url)
 
     # ------------------------------------------------------------------------------------------------ locking
-    @contextlib.contextmanager
     def _locked(self):
-        if self.is_postgres:
-            import psycopg2
-            conn = psycopg2.connect(self.url)
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_lock(727271)")
-                yield
-            finally:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_unlock(727271)")
-                conn.close()
-        else:
-            lock = Path(self.url).with_name(Path(self.url).name + ".sp_claims.lock")  # not ase.db's own .lock
-            with open(lock, "a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
+        return store_lock(self.url)
 
     # ------------------------------------------------------------------------------------------------ writing
     def add(self, atoms, *, state: str = "pending", **meta) -> int:
@@ -93,7 +70,8 @@ class Store:
 
     def release_dead_claims(self) -> int:
         """Claims of processes of this host that no longer exist (owner 'host:pid:tag', see
-        sp_server.otf.label.owner_name) go back to pending at once, without counting the attempt."""
+        sp_server.otf.label.owner_name) go back to pending at once (or to failed when that was the last attempt);
+        returns how many were released."""
         host = socket.gethostname()
         released = 0
         with self._locked():
@@ -109,7 +87,12 @@ class Store:
                         pass
                     except PermissionError:
                         continue
-                    db.update(row.id, state="pending", owner="", attempts=max(int(row.get("attempts", 1)) - 1, 0))
+                    # the attempt counts (a structure that kills its worker every time must end as failed), with
+                    # the reason, like any failed label
+                    attempts = int(row.get("attempts", 1))
+                    state = "failed" if attempts >= self.max_attempts else "pending"
+                    db.update(row.id, state=state, owner="",
+                              last_error=f"the labelling process {row.get('owner')} died during the call")
                     released += 1
         return released
 

@@ -71,8 +71,8 @@ def test_failed_labels_are_recorded_with_reasons_and_retried_up_to_the_limit(tmp
     assert all(r.attempts == 2 for r in rows.values() if r.state == "failed")
 
 
-def test_claims_of_a_dead_process_are_released_without_counting_the_attempt(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_claims_of_a_dead_process_are_released_and_the_attempt_counts(tmp_path):
+    store = Store(tmp_path / "s.db", max_attempts=2)
     for a in frames(3):
         store.add(a)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -84,7 +84,12 @@ def test_claims_of_a_dead_process_are_released_without_counting_the_attempt(tmp_
     assert store.release_dead_claims() == 2
     rows = store.rows()
     assert sorted(r.state for r in rows) == ["claimed", "pending", "pending"]
-    assert all(r.attempts == 0 for r in rows if r.state == "pending")
+    assert all(r.attempts == 1 and f":{pid}:label died during the call" in r.last_error
+               for r in rows if r.state == "pending")
+    # a structure that kills its worker at every attempt ends as failed, with the reason
+    again = store.claim(f"{socket.gethostname()}:{pid}:label", n=2)
+    assert len(again) == 2 and store.release_dead_claims() == 2
+    assert sorted(r.state for r in store.rows()) == ["claimed", "failed", "failed"]
 
 
 def test_mpiexec_two_ranks_label_every_frame_once(tmp_path):

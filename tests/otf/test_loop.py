@@ -90,44 +90,61 @@ def processes_under(folder: Path) -> list:
     return out
 
 
-def check_run(run: Path):
+def check_run(run: Path, failures_allowed: bool = False):
+    """What the loop guarantees on any machine, whatever path its (chaotic) MDs take: every iteration once, in
+    order, one model version each; nothing lost, doubled or left claimed in the store; validation frames never
+    trained on; the oracle calls counted once; the report written; the held-out set drawn from the last MD at the
+    top temperature when one of its runs reached the end (none otherwise, and the log says so)."""
     state = json.loads((run / "state.json").read_text())
     assert state["stage"] == "done"
     keys = [h["key"] for h in state["history"]]
     assert keys[0] == "initial" and len(keys) == len(set(keys))          # every iteration once
-    # 2 temperatures x (1 or 2 iterations): the threshold is far below the errors, so the cap ends each temperature
-    assert keys[1:] == ["T0030.0_it00", "T0030.0_it01", "T0120.0_it00", "T0120.0_it01"], keys
+    # each temperature: iteration 0, and iteration 1 only when iteration 0 flagged frames (the cap is 2)
+    expected = ["initial"]
+    for T in ("0030.0", "0120.0"):
+        first = next(h for h in state["history"] if h["key"] == f"T{T}_it00")
+        expected += [f"T{T}_it00"] + ([f"T{T}_it01"] if first["flagged"] else [])
+    assert keys == expected, keys
     versions = [h["model_version"] for h in state["history"]]
     assert versions == list(range(1, len(keys) + 1))
     assert sorted(p.name for p in (run / "models").iterdir()) == [f"model_v{v:03d}.h5" for v in versions]
     store = Store(run / "store.db")
     counts = store.counts()
-    assert counts["pending"] == 0 and counts["claimed"] == 0 and counts["failed"] == 0
+    assert counts["pending"] == 0 and counts["claimed"] == 0
+    if not failures_allowed:
+        assert counts["failed"] == 0
+    for r in store.rows():
+        if r.get("attempts", 0) > 1 or r.state == "failed":      # every failure kept with its reason
+            assert r.get("last_error"), r.id
     fp = fingerprints(store)
     assert len(fp) == len(set(fp)), "a frame is in the store twice"
-    # every MD iteration added its flagged frames (capped at 3) and one validation frame per phase
+    # every MD iteration added at most the cap of flagged frames
     for h in state["history"][1:]:
         assert 0 <= h["selected"] <= 3 and h["flagged"] >= h["selected"]
         assert h["rmse_validation"]["n"] > 0
-    assert sum(h["selected"] for h in state["history"][1:]) >= 4
     ids = set(int(i) for i in np.load(run / "stats.npz")["extra.ids"])
-    train = {r.id for r in store.rows(role="train")}
+    train = {r.id for r in store.rows(role="train", state="labeled")}
     validation = {r.id for r in store.rows(role="validation")}
     assert ids == train and not ids & validation                       # validation frames never trained on
     log = (run / "otf.log").read_text().splitlines()
     lines = [ln for ln in log if " it " in ln and "max err" in ln]
-    assert len(lines) == 4 and all("val RMSE E" in ln and "labelled" not in ln.split("flagged")[0] for ln in lines)
+    assert len(lines) == len(keys) - 1
+    assert all("val RMSE E" in ln and "labelled" not in ln.split("flagged")[0] for ln in lines)
     report = run / "report"
     for name in ("fig1_bayesian_error.png", "fig2_parity.png", "training_set_growth.png", "iterations.csv",
                  "summary.json", "summary.md"):
         assert (report / name).stat().st_size > 0, name
-    # oracle calls: the harmonic part's + one per labelled frame, each counted once
+    # oracle calls: the harmonic part's + one per labelled or failed frame, each counted once
     harmonic_calls = int(load_model(run / "harmonic.h5").metadata["n_oracle_calls"])
-    assert harmonic_calls > 0 and state["oracle_calls"] == harmonic_calls + counts["labeled"]
+    assert harmonic_calls > 0 and state["oracle_calls"] == harmonic_calls + counts["labeled"] + counts["failed"]
     summary = json.loads((report / "summary.json").read_text())
     holdout = [r for r in store.rows(role="validation") if r.get("origin") == "holdout"]
-    assert len(holdout) == 4 and all(r.get("temperature") == 120 for r in holdout)
-    assert summary["held_out"]["final_set"] and summary["held_out"]["n_frames"] == 4
+    last = [h for h in state["history"] if h.get("temperature") == 120][-1]
+    if "done" in last["md_status"].values():
+        assert len(holdout) == 4 and all(r.get("temperature") == 120 for r in holdout)
+    else:
+        assert holdout == []
+    assert any(f"held-out set: {len(holdout)} frame(s)" in ln for ln in log)
     assert summary["oracle_calls"] == state["oracle_calls"] > 0
     return state, store
 
@@ -144,33 +161,79 @@ def test_loop_end_to_end(tmp_path):
     assert len(Store(tmp_path / "run" / "store.db").rows()) == n
 
 
+def oracle_children() -> set:
+    """pids of isolated oracle processes and MPI labelling ranks / mpiexec of sp-server label."""
+    out = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "sp_server.oracles.isolated" in cmd or ("sp_server.cli.main label" in cmd):
+            out.add(int(proc.name))
+    return out
+
+
+FAULTY = """[oracle]
+name = "faulty"
+oracle = "model"
+path = "{teacher}"
+state_dir = "{faults}"
+faults = ["raise", "nan", "huge", "nostress", "hang", "crash", "none", "none", "none"]
+repeat = 1
+hang_s = 600
+"""
+
+
 @pytest.mark.slow
-def test_killed_at_random_moments_continues_with_nothing_lost(tmp_path):
+@pytest.mark.timeout(1200)
+def test_faulty_oracle_two_workers_killed_three_times_finishes_with_nothing_lost(tmp_path):
+    """Issue 14: an oracle that raises, gives NaN forces, a 1e4 eV/A force, no stress, hangs (killed by the per-call
+    time limit) or kills its own process, at every stage that calls it (harmonic part included), under two MPI
+    labelling workers; the loop killed with SIGKILL three times at random moments.  The run ends with nothing
+    lost or doubled, every failure stored with its reason, and no process left behind."""
     config = write_config(tmp_path)
+    text = config.read_text()
+    text = text.replace(text[text.index("[oracle]"):text.index("[harmonic]")],
+                        FAULTY.format(teacher=tmp_path / "teacher.h5", faults=tmp_path / "faults"))
+    venv_mpiexec = Path(sys.executable).parent / "mpiexec"
+    text = text.replace("[fit]", f"[label]\nworkers = 2\nmpiexec = \"{venv_mpiexec}\"\ncall_timeout_s = 5\n"
+                                 "[fit]")
+    config.write_text(text)
     run = tmp_path / "run"
+    before = oracle_children()
     cmd = [sys.executable, "-m", "sp_server.cli.main", "otf", str(config), "--no-progress"]
     rng = np.random.default_rng(11)
     kills = 0
-    for attempt in range(12):
+    for moment in rng.uniform(5.0, 25.0, size=3):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            proc.wait(timeout=float(rng.uniform(4.0, 12.0)))
+            proc.wait(timeout=float(moment))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)     # the loop and its i-PI children, without warning
+            os.killpg(proc.pid, signal.SIGKILL)     # the loop and its i-PI / mpiexec children, without warning
             proc.wait()
             kills += 1
-            time.sleep(0.2)
             continue
         assert proc.returncode == 0
         break
-    else:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-    assert kills >= 2
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert kills == 3
     time.sleep(1.0)
     assert not processes_under(run), "a killed loop left processes behind (i-PI waiting for its server)"
-    state, _ = check_run(run)
+    assert not oracle_children() - before, "a killed loop left oracle processes or MPI ranks behind"
+    state, store = check_run(run, failures_allowed=True)
     assert "resuming at stage" in (run / "otf.log").read_text()
+    # the faults happened, each was a failed attempt with its reason, and flaky frames were labelled on a retry
+    calls = (tmp_path / "faults" / "calls.log").read_text().split()
+    kinds = set(calls[2::4])
+    assert {"raise", "nan", "huge", "nostress", "hang", "crash"} <= kinds, kinds
+    errors = " ".join(str(r.get("last_error", "")) for r in store.rows())
+    for reason in ("injected fault", "non-finite", "largest force", "no stress", "no answer after 5 s", "died"):
+        assert reason in errors, reason
+    assert store.counts()["labeled"] > 0
 
 
 def test_label_stage_with_mpi_workers_reads_the_oracle_table(tmp_path):

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,19 @@ def run_deck(deck, tmp_path, steps, connections=1):
     assert "I-PI reports success" in out, out[-3000:]
     prefix = re.search(r"<output prefix='(\w+)'>", text).group(1)
     return np.loadtxt(work / f"{prefix}.out"), srv.stderr
+
+
+@pytest.mark.timeout(10)
+def test_decks_print_energies_at_full_precision():
+    """i-PI prints with %16.8e unless told otherwise: 9 digits of energies that carry the model's reference energy
+    (-1.3e5 eV on 3x3x4 BaHfO3) leave 1e-3 eV quanta, as large as an NVE run's whole error (issue 14, item 6).
+    Every shipped deck must print doubles that read back exactly."""
+    decks = sorted((ROOT / "ipi_inputs").glob("*/input.xml"))
+    assert decks
+    for deck in decks:
+        fmt = ET.parse(deck).getroot().get("floatformat", "%16.8e")  # i-PI's default
+        for x in (-131572.65583636391, 2.0 / 3.0, -1.2345678901234567e-7):
+            assert float(fmt % x) == x, f"{deck}: floatformat {fmt!r} prints {x!r} as {fmt % x}"
 
 
 def test_nvt(tmp_path):

@@ -116,3 +116,100 @@ def test_labeled_frames_come_back_with_their_results(url):
     assert store.complete(fid, "w", energy=-3.5, forces=f, stress=np.ones(6))
     (label, atoms), = list(store.labeled())
     assert atoms.get_potential_energy() == -3.5 and np.allclose(atoms.get_forces(), f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# locks that die with their process (issue 14): a writer killed with SIGKILL *inside* the database write (an
+# injected pause, not a random sleep) must not block the next writer
+# ---------------------------------------------------------------------------------------------------------------
+KILLED_WRITER = r"""
+import sys, time
+from pathlib import Path
+import numpy as np
+from ase.build import bulk
+import ase.db.sqlite
+from sp_server.store import Store
+
+url, marker, how = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+original = ase.db.sqlite.SQLite3Database._write
+
+def paused_write(self, *args, **kwargs):          # the injected fault: stop inside the transaction, locks held
+    out = original(self, *args, **kwargs)
+    marker.write_text("inside the write")
+    time.sleep(600)
+    return out
+
+ase.db.sqlite.SQLite3Database._write = paused_write
+if how == "store":
+    Store(url).add_many([(bulk("Cu", cubic=True), {"role": "train"}) for _ in range(3)], run="killed")
+else:
+    from sp_server.server.queue import FlagQueue
+    q = FlagQueue(url, batch_seconds=0.05)
+    a = bulk("Cu", cubic=True)
+    q.put({"numbers": a.numbers, "positions": a.positions, "cell": a.cell.array, "reason": "local maximum",
+           "frame": 1, "bead": 0, "connection": 0, "model_version": 1, "energy_ev": -1.0, "errors": {}})
+    time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["store", "queue"])
+def test_writer_killed_inside_the_write_does_not_block_the_next(tmp_path, how):
+    import subprocess
+    import sys
+    url = tmp_path / "store.db"
+    Store(url).add_many([(bulk("Cu", cubic=True), {"role": "train"})], run="before")
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    marker = tmp_path / "inside"
+    proc = subprocess.Popen([sys.executable, str(script), str(url), str(marker), how])
+    try:
+        t0 = time.monotonic()
+        while not marker.exists():
+            assert proc.poll() is None, "the writer died before reaching the write"
+            assert time.monotonic() - t0 < 60, "the writer never reached the write"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(tmp_path.glob("*.db.lock")), "ase.db's lock file is in use"
+    t0 = time.monotonic()
+    store = Store(url)
+    store.add_many([(bulk("Cu", cubic=True), {"role": "train"})], run="after")   # the next writer goes on
+    claimed = store.claim("next", n=5)
+    assert time.monotonic() - t0 < 10
+    # the killed transaction left nothing half-written: its rows are all out
+    runs = sorted(r.get("run") for r in store.rows())
+    assert runs == ["after", "before"] and len(claimed) == 2
+
+
+@pytest.mark.timeout(60)
+def test_lock_wait_is_bounded_and_names_the_holder(tmp_path, caplog):
+    import multiprocessing
+    from sp_server.store.db import LockTimeout, file_lock
+    path = tmp_path / "x.lock"
+    ctx = multiprocessing.get_context("spawn")
+    holder = ctx.Process(target=_hold_lock, args=(str(path), 30.0))
+    holder.start()
+    t0 = time.monotonic()
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.05)
+    with pytest.raises(LockTimeout, match=f":{holder.pid}"):
+        with file_lock(path, timeout=1.5):
+            pass
+    assert any(f":{holder.pid}" in r.getMessage() and "waiting" in r.getMessage() for r in caplog.records)
+    os.kill(holder.pid, signal.SIGKILL)           # the kernel releases an flock when its holder dies
+    holder.join(10)
+    t0 = time.monotonic()
+    with file_lock(path, timeout=5):
+        pass
+    assert time.monotonic() - t0 < 2
+
+
+def _hold_lock(path, seconds):
+    from sp_server.store.db import file_lock
+    with file_lock(path):
+        time.sleep(seconds)

@@ -1,0 +1,133 @@
+"""Database connections and locks that never outlive their process.
+
+ase.db's SQLite backend takes, by default, a lock *file* (``NAME.lock``, created with O_EXCL, waited on forever);
+a process killed while holding it leaves the file behind and every later writer sleeps on it, silently.  Every
+connection of sp_server goes through :func:`connect`, which turns that lock file off: SQLite's own locking (fcntl,
+released by the kernel when the process dies) protects each transaction, and the store's claims are serialised
+by :func:`store_lock`, an ``flock`` (SQLite files) or a PostgreSQL session advisory lock (released by the server
+when the client's connection dies).  Every wait on a lock is bounded and logged with the holder (host:pid, read
+from the lock file).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import ase.db
+
+log = logging.getLogger("sp_server.store")
+
+#: seconds a writer waits for the store lock before giving up with an error naming the holder
+LOCK_TIMEOUT_S = 300.0
+#: seconds between "still waiting" log lines
+LOCK_LOG_EVERY_S = 10.0
+#: the PostgreSQL advisory lock key of the store's claims
+PG_LOCK_KEY = 727271
+
+
+class LockTimeout(RuntimeError):
+    """A lock was not obtained within its time limit (the message names the holder)."""
+
+
+def is_postgres(url) -> bool:
+    return str(url).startswith(("postgresql://", "postgres://"))
+
+
+def connect(url):
+    """An ase.db connection (SQLite path or PostgreSQL URL) without ase's lock file; every process talks to the
+    database itself (``serial=True``: ase's default under MPI would make rank 0 read and broadcast, which
+    deadlocks ranks that work independently)."""
+    return ase.db.connect(str(url), serial=True, use_lock_file=False)
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "unknown"
+    return text or "unknown"
+
+
+@contextlib.contextmanager
+def file_lock(path, *, timeout: float = LOCK_TIMEOUT_S, what: str = "store lock"):
+    """An exclusive ``flock`` on ``path`` (created when missing), released by the kernel if the process dies.  The
+    holder writes host:pid into the file, so that a waiter can say whom it waits for; the wait is bounded."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        t0 = time.monotonic()
+        next_log = t0 + 1.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if now - t0 > timeout:
+                    raise LockTimeout(f"could not take the {what} {path} in {timeout:.0f} s: held by "
+                                      f"{_holder(path)}") from None
+                if now >= next_log:
+                    log.warning("waiting for the %s %s held by %s (%.0f s so far)", what, path, _holder(path),
+                                now - t0)
+                    next_log = now + LOCK_LOG_EVERY_S
+                time.sleep(0.01)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # a full disk must not stop the lock: the holder's name is only for the log
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def pg_lock(url, key: int = PG_LOCK_KEY, *, timeout: float = LOCK_TIMEOUT_S, what: str = "store lock"):
+    """A PostgreSQL session advisory lock: the server releases it when this client's connection ends, also when
+    the client is killed.  The wait is bounded and logged with the holder's backend pid and client address."""
+    import psycopg2
+    conn = psycopg2.connect(str(url), connect_timeout=30)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            t0 = time.monotonic()
+            next_log = t0 + 1.0
+            while True:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                if cur.fetchone()[0]:
+                    break
+                now = time.monotonic()
+                if now - t0 > timeout or now >= next_log:
+                    cur.execute("SELECT l.pid, a.client_addr, a.application_name FROM pg_locks l JOIN "
+                                "pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND "
+                                "l.objid = %s AND l.granted", (key,))
+                    holder = ", ".join(f"backend {p} ({addr or 'local'})" for p, addr, _ in cur.fetchall())
+                    if now - t0 > timeout:
+                        raise LockTimeout(f"could not take the {what} of {url} in {timeout:.0f} s: held by "
+                                          f"{holder or 'unknown'}")
+                    log.warning("waiting for the %s of %s held by %s (%.0f s so far)", what, url,
+                                holder or "unknown", now - t0)
+                    next_log = now + LOCK_LOG_EVERY_S
+                time.sleep(0.02)
+            try:
+                yield
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    finally:
+        conn.close()
+
+
+def store_lock(url, **kwargs):
+    """The store-wide lock of a database: an flock beside a SQLite file, an advisory lock on PostgreSQL."""
+    if is_postgres(url):
+        return pg_lock(url, **kwargs)
+    path = Path(url)
+    return file_lock(path.with_name(path.name + ".sp_claims.lock"), **kwargs)
