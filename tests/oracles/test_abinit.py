@@ -16,7 +16,7 @@ from scipy.spatial.transform import Rotation
 from sp_server.fit.harmonic import OracleError
 from sp_server.oracles import make_oracle
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(shutil.which("abinit") is None or not os.path.exists("/usr/bin/mpirun"),
                                  reason="needs ABINIT (`abinit` on PATH) and Open MPI's /usr/bin/mpirun "
                                         "(Debian/Ubuntu: apt-get install abinit)")]

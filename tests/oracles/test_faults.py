@@ -36,15 +36,16 @@ def one_frame_per_kind():
     return out
 
 
-def children_of(pid: int) -> list:
-    out = []
+def oracle_processes() -> set:
+    """pids of isolated oracle processes (and anything they run: same process group) on this machine."""
+    out = set()
     for proc in os.listdir("/proc"):
         if proc.isdigit():
             try:
-                with open(f"/proc/{proc}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(proc))
-            except (OSError, IndexError, ValueError):
+                with open(f"/proc/{proc}/cmdline", "rb") as fh:
+                    if b"sp_server.oracles.isolated" in fh.read():
+                        out.add(int(proc))
+            except OSError:
                 continue
     return out
 
@@ -52,6 +53,7 @@ def children_of(pid: int) -> list:
 @pytest.mark.timeout(180)
 def test_every_fault_is_one_failed_attempt_with_its_reason(tmp_path):
     frames = one_frame_per_kind()
+    before = oracle_processes()
     store = Store(tmp_path / "s.db", max_attempts=2)
     ids = {kind: store.add(a) for kind, a in frames.items()}
     calc = isolated_oracle("faulty", {"oracle": "emt", "faults": list(KINDS), "state_dir": str(tmp_path / "f"),
@@ -77,7 +79,7 @@ def test_every_fault_is_one_failed_attempt_with_its_reason(tmp_path):
         assert abs(e - ref.get_potential_energy()) < 1e-12            # the label is the wrapped oracle's
     # the hung call was killed with its whole process group; closing leaves no child behind
     calc.close()
-    assert children_of(os.getpid()) == []
+    assert oracle_processes() - before == set()
 
 
 @pytest.mark.timeout(60)
