@@ -365,6 +365,8 @@ class ForceServer:
                     self.queue.put(dict(entry, reason=f"entry: {where} an excursion that left the trusted range at "
                                                       f"frame {frame}"))
                 self.queue.put(dict(record, reason="untrusted: " + "; ".join(reasons)))
+                # the frame before, even if it ends as a "maximum" here, belongs to this excursion: the excursion's
+                # entry (and frames spread along it) were queued above instead, so the push's answer is dropped
                 traj.push(-np.inf, record, trusted=False)
             elif self.settings.threshold is not None and errors:
                 value = errors[self.settings.threshold.quantity]

@@ -7,69 +7,227 @@ connection, model_version, err_energy_mev_per_cell, err_force_max (eV/A), err_st
 trusted range: 'untrusted', kept for inspection and never labelled (an exploded frame spoils a fit; the frame where
 its excursion began is queued as pending instead).  ``close()`` flushes everything that was put (also on SIGTERM
 through the server).
+
+Atomicity: a batch (at most :data:`MAX_BATCH` frames) is written in one database transaction, so a server killed
+in the middle of a write (SIGKILL, node failure) leaves each frame either fully in the queue or not at all.  ase.db's
+own ``with db:`` is not quite enough for that: it commits by itself every 5000 writes, and on PostgreSQL
+(ase-db-backends) its rollback fails with an AttributeError that hides the real error and leaves the connection
+open, so :func:`sp_server.store.db.transaction` manages the transaction itself.
+
+Failures: a batch that cannot be written (database unreachable, disk full, locked) is kept and retried with a
+bounded back-off (``retry_first`` doubling up to ``retry_max`` seconds), each failure logged with the queue and the
+number of frames held; frames put meanwhile wait behind it, in order.  What is still unwritten when ``close()``
+gives up is reported (log and return value) and dumped to an extxyz file beside the queue (SQLite) or in the
+current folder (PostgreSQL); :func:`requeue` writes such a dump into a queue later.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
+import tempfile
 import threading
+import time
+from pathlib import Path
+from typing import Optional
 
 from ase import Atoms
 
-from ..store.db import connect
+from ..store.db import PG_CONNECT_TIMEOUT_S, db_url as _db_url, is_postgres, redact, transaction as _transaction
 
 log = logging.getLogger("sp_server.queue")
 
+#: frames per transaction at most (a larger backlog, e.g. after an outage, goes in several transactions)
+MAX_BATCH = 1000
+
+
+def record_to_row(r: dict) -> tuple:
+    """(Atoms, key-value pairs) of a queued record."""
+    atoms = Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=True)
+    reason = r.get("reason", "")
+    kv = {"state": "untrusted" if reason.startswith("untrusted") else "pending", "reason": reason,
+          "frame": int(r["frame"]), "bead": int(r["bead"]), "connection": int(r["connection"]),
+          "model_version": int(r["model_version"]), "energy_model": float(r["energy_ev"])}
+    kv.update({f"err_{k}": float(v) for k, v in r.get("errors", {}).items()})
+    if "max_displacement" in r:   # A, largest distance of an atom from its reference site
+        kv["max_displacement"] = float(r["max_displacement"])
+    return atoms, kv
+
+
+def requeue(path, url) -> int:
+    """Write the frames of a dump (see :meth:`FlagQueue.close`) into the queue at ``url``, in one transaction;
+    returns their number."""
+    import ase.io
+    frames = ase.io.read(str(path), ":", format="extxyz")
+    with _transaction(_db_url(str(url))) as db:
+        for atoms in frames:
+            kv = {k: v for k, v in atoms.info.items() if k != "queue"}
+            db.write(Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=True), **kv)
+    return len(frames)
+
 
 class FlagQueue:
-    def __init__(self, url: str, batch_seconds: float = 0.5):
+    def __init__(self, url: str, batch_seconds: float = 0.5, *, retry_first: float = 0.5, retry_max: float = 30.0,
+                 dump_dir=None):
         self.url = str(url)
+        self._url = _db_url(self.url)
         self._q: queue.Queue = queue.Queue()
         self._batch_seconds = batch_seconds
+        self.retry_first = float(retry_first)
+        self.retry_max = float(retry_max)
+        self.dump_dir = dump_dir
         self._closed = threading.Event()
+        self._wake = threading.Event()   # ends a back-off wait early (close)
+        self._lock = threading.Lock()    # guards _held between the writer and close()
+        self._held: list = []            # (Atoms, key-value pairs) taken from the queue, not yet written
+        self._deadline = float("inf")
+        self._abandoned = False
         self.written = 0
-        with connect(self.url):  # fail early, in the caller, on a bad URL or path
-            pass
+        self.failures = 0                # failed write attempts
+        self.rejected = 0                # records that could not be turned into a row (a bug: logged)
+        self.unwritten = 0               # frames that close() could not write
+        self.dump_path: Optional[Path] = None
+        for attempt in range(3):  # fail early, in the caller, on a bad URL or path; create the tables once, here
+            try:
+                with _transaction(self._url) as db:
+                    db.count()
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)      # two servers creating the tables of an empty PostgreSQL database at once
         self._thread = threading.Thread(target=self._writer, name="flag-queue-writer", daemon=True)
         self._thread.start()
 
     def put(self, record: dict):
         self._q.put(record)
 
-    def _writer(self):
-        while True:
-            batch = []
+    # ------------------------------------------------------------------------------------------------ writer
+    def _held_total(self) -> int:
+        return len(self._held) + self._q.qsize()
+
+    def _take(self, block: bool):
+        """Move queued records into _held (waiting up to batch_seconds for the first one when ``block``)."""
+        records = []
+        try:
+            if block:
+                records.append(self._q.get(timeout=self._batch_seconds))
+            while True:
+                records.append(self._q.get_nowait())
+        except queue.Empty:
+            pass
+        rows = []
+        for r in records:
+            if r is None:   # close()'s wake-up
+                continue
             try:
-                batch.append(self._q.get(timeout=self._batch_seconds))
-                while True:
-                    batch.append(self._q.get_nowait())
-            except queue.Empty:
-                pass
-            if batch:
-                self._write(batch)
-            if self._closed.is_set() and self._q.empty():
+                rows.append(record_to_row(r))
+            except Exception as exc:
+                self.rejected += 1
+                log.error("flag queue %s: a record that cannot be written was left out (frame %s): %s: %s",
+                          redact(self.url), r.get("frame") if isinstance(r, dict) else "?", type(exc).__name__, exc)
+        if rows:
+            with self._lock:
+                self._held.extend(rows)
+
+    def _writer(self):
+        delay = self.retry_first
+        failed_in_row = 0
+        while True:
+            self._take(block=not self._held)
+            if self._held:
+                chunk = self._held[:MAX_BATCH]
+                try:
+                    self._write(chunk)
+                except Exception as exc:
+                    self.failures += 1
+                    failed_in_row += 1
+                    now = time.monotonic()
+                    if self._closed.is_set() and now >= self._deadline:
+                        log.error("flag queue %s: could not write %d frame(s) (attempt %d: %s: %s); closing, "
+                                  "giving up", redact(self.url), self._held_total(), failed_in_row,
+                                  type(exc).__name__, exc)
+                        return
+                    wait = min(delay, max(self._deadline - now, 0.0))
+                    log.error("flag queue %s: could not write %d frame(s) held (attempt %d: %s: %s); retrying in "
+                              "%.1f s", redact(self.url), self._held_total(), failed_in_row, type(exc).__name__,
+                              exc, wait)
+                    if self._wake.wait(wait):
+                        self._wake.clear()
+                    delay = min(2 * delay, self.retry_max)
+                    continue
+                with self._lock:
+                    if not self._abandoned:
+                        del self._held[:len(chunk)]
+                self.written += len(chunk)
+                if failed_in_row:
+                    log.warning("flag queue %s: written again after %d failed attempt(s)", redact(self.url),
+                                failed_in_row)
+                delay, failed_in_row = self.retry_first, 0
+            if self._closed.is_set() and not self._held and self._q.empty():
                 return
 
-    def _write(self, batch):
-        try:
-            with connect(self.url) as db:
-                for r in batch:
-                    atoms = Atoms(numbers=r["numbers"], positions=r["positions"], cell=r["cell"], pbc=True)
-                    reason = r.get("reason", "")
-                    kv = {"state": "untrusted" if reason.startswith("untrusted") else "pending", "reason": reason,
-                          "frame": int(r["frame"]),
-                          "bead": int(r["bead"]), "connection": int(r["connection"]),
-                          "model_version": int(r["model_version"]), "energy_model": float(r["energy_ev"])}
-                    kv.update({f"err_{k}": float(v) for k, v in r.get("errors", {}).items()})
-                    if "max_displacement" in r:   # A, largest distance of an atom from its reference site
-                        kv["max_displacement"] = float(r["max_displacement"])
-                    db.write(atoms, **kv)
-            self.written += len(batch)
-        except Exception as exc:  # never lose the batch silently
-            log.error("flag queue %s: could not write %d frame(s): %s", self.url, len(batch), exc)
-            raise
+    def _write(self, rows):
+        """One batch, one transaction: all of its frames are in the queue afterwards, or none (an error is
+        raised)."""
+        with _transaction(self._url) as db:
+            for atoms, kv in rows:
+                db.write(atoms, **kv)
 
-    def close(self, timeout: float = 60.0):
+    # ------------------------------------------------------------------------------------------------ closing
+    def close(self, timeout: float = 60.0) -> int:
+        """Write what is left (retrying a failing database for up to ``timeout`` s), stop the writer; returns the
+        number of frames that could not be written (0 normally), which are dumped to an extxyz file
+        (``dump_path``)."""
+        self._deadline = time.monotonic() + timeout
         self._closed.set()
-        self._thread.join(timeout)
-        log.info("flag queue %s: %d frame(s) written", self.url, self.written)
+        self._q.put(None)
+        self._wake.set()
+        self._thread.join(timeout + PG_CONNECT_TIMEOUT_S + 5.0)
+        stuck = self._thread.is_alive()
+        with self._lock:
+            self._abandoned = True
+            left = list(self._held)
+        self._take(block=False)   # put after the writer stopped (or while it hangs)
+        with self._lock:
+            left += self._held[len(left):]
+            self._held.clear()    # reported (and dumped) once, also if close() is called again
+        self.unwritten = len(left)
+        if not left:
+            log.info("flag queue %s: %d frame(s) written", redact(self.url), self.written)
+            return 0
+        what = (" (the writer is stuck in a write: the first of them may still be committed)" if stuck else "")
+        self.dump_path = self._dump(left)
+        where = f"saved to {self.dump_path} (sp_server.server.queue.requeue puts them back)" if self.dump_path \
+            else "LOST: no file could be written either"
+        log.error("flag queue %s: %d frame(s) written, %d frame(s) could NOT be written%s; %s", redact(self.url),
+                  self.written, len(left), what, where)
+        return len(left)
+
+    def _dump_dirs(self) -> list:
+        dirs = [Path(self.dump_dir)] if self.dump_dir is not None else []
+        if not is_postgres(self.url):
+            dirs.append(Path(self.url).resolve().parent)
+        return dirs + [Path.cwd(), Path(tempfile.gettempdir())]
+
+    def _dump(self, rows) -> Optional[Path]:
+        import ase.io
+        stem = Path(self.url).name if not is_postgres(self.url) else "flag_queue"
+        name = f"{stem}.unwritten-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.extxyz"
+        frames = []
+        for atoms, kv in rows:
+            a = atoms.copy()
+            a.info.update(kv)
+            a.info["queue"] = redact(self.url)
+            frames.append(a)
+        for folder in self._dump_dirs():
+            path = folder / name
+            try:
+                ase.io.write(str(path), frames, format="extxyz")
+                return path
+            except Exception as exc:
+                log.error("flag queue %s: could not dump the unwritten frames to %s: %s", redact(self.url), path, exc)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return None

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ LOCK_TIMEOUT_S = 300.0
 LOCK_LOG_EVERY_S = 10.0
 #: the PostgreSQL advisory lock key of the store's claims
 PG_LOCK_KEY = 727271
+#: seconds a PostgreSQL connection attempt may take
+PG_CONNECT_TIMEOUT_S = 10
 
 
 class LockTimeout(RuntimeError):
@@ -43,6 +46,41 @@ def connect(url):
     database itself (``serial=True``: ase's default under MPI would make rank 0 read and broadcast, which
     deadlocks ranks that work independently)."""
     return ase.db.connect(str(url), serial=True, use_lock_file=False)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    return re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
+
+
+def db_url(url: str) -> str:
+    """The URL with a connection time-out on PostgreSQL (libpq waits for the TCP timeout otherwise, minutes)."""
+    if is_postgres(url) and "connect_timeout" not in url:
+        return f"{url}{'&' if '?' in url else '?'}connect_timeout={PG_CONNECT_TIMEOUT_S}"
+    return url
+
+
+@contextlib.contextmanager
+def transaction(url: str):
+    """An ase.db connection whose writes form one transaction: committed when the block ends normally, rolled
+    back (and the connection closed) on any error, the original error propagating."""
+    db = connect(url)
+    db.__enter__()                      # opens the connection (SQLite: sqlite3, PostgreSQL: psycopg2), no commit
+    con = db.connection
+    raw = getattr(con, "con", con)      # ase-db-backends wraps psycopg2's connection, without rollback()
+    db.change_count = 0.5               # ase.db commits by itself whenever change_count (+1 per write) % 5000 == 0:
+                                        # never, from a half-integer
+    try:
+        yield db
+        raw.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            raw.rollback()
+        raise
+    finally:
+        db.connection = None
+        with contextlib.suppress(Exception):
+            raw.close()
 
 
 def _holder(path: Path) -> str:

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from .db import connect, is_postgres, store_lock
+from .db import connect, is_postgres, store_lock, transaction
 
 STATES = ("pending", "claimed", "labeled", "failed", "excluded")
 
@@ -40,7 +40,7 @@ class Store:
         """Add a frame (pending by default; 'labeled' when ``atoms`` carries energy/forces/stress)."""
         if state not in STATES:
             raise StoreError(f"unknown state {state!r}")
-        with self._db() as db:
+        with transaction(self.url) as db:
             return db.write(atoms, state=state, attempts=0, **meta)
 
     def add_many(self, frames, *, run: Optional[str] = None) -> int:
@@ -48,7 +48,7 @@ class Store:
         batch is added at most once: if rows of that run exist already nothing is written (a restart that
         repeats the import cannot duplicate frames).  Returns the number of rows of the run in the store."""
         with self._locked():
-            with self._db() as db:
+            with transaction(self.url) as db:
                 if run is not None:
                     existing = db.count(run=run)
                     if existing:
@@ -75,7 +75,7 @@ class Store:
         host = socket.gethostname()
         released = 0
         with self._locked():
-            with self._db() as db:
+            with transaction(self.url) as db:
                 for row in list(db.select(state="claimed")):
                     parts = str(row.get("owner", "")).split(":")
                     if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
@@ -101,7 +101,7 @@ class Store:
         now = time.time()
         out = []
         with self._locked():
-            with self._db() as db:
+            with transaction(self.url) as db:
                 candidates = [r for r in db.select("state=pending", sort="id", limit=n)]
                 if len(candidates) < n:
                     expired = [r for r in db.select("state=claimed", sort="id")
@@ -125,7 +125,7 @@ class Store:
         forces = np.asarray(forces, dtype=float)
         stress = np.asarray(stress, dtype=float)
         with self._locked():
-            with self._db() as db:
+            with transaction(self.url) as db:
                 row = self._own(db, frame_id, owner)
                 if row is None:
                     return False
@@ -138,7 +138,7 @@ class Store:
         """A failed label: back to pending until max_attempts, then 'failed'.  Returns the new state (None if
         the claim was not ours)."""
         with self._locked():
-            with self._db() as db:
+            with transaction(self.url) as db:
                 row = self._own(db, frame_id, owner)
                 if row is None:
                     return None
@@ -149,7 +149,7 @@ class Store:
     def exclude(self, frame_id: int, reason: str):
         """Take a frame out for good (later runs respect it)."""
         with self._locked():
-            with self._db() as db:
+            with transaction(self.url) as db:
                 db.update(frame_id, state="excluded", excluded_reason=str(reason)[:500])
 
     # ------------------------------------------------------------------------------------------------ reading
