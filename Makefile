@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast bench setup setup-test
+.PHONY: demo test test-fast test-long bench setup setup-test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,11 +28,15 @@ demo: setup
 
 # 2) test dependencies + the whole test suite (slow tests included; see README)
 test: setup-test
-	SP_SERVER_TEST_POSTGRES=$$(bash tools/ci_postgres.sh) $(BIN)/python -m pytest -ra tests
+	SP_SERVER_TEST_POSTGRES=$$(bash tools/ci_postgres.sh) $(BIN)/python -m pytest -ra -m "not long" tests
 
 # the suite without the tests marked slow
 test-fast: setup-test
-	$(BIN)/python -m pytest -ra -m "not slow" tests
+	$(BIN)/python -m pytest -ra -m "not slow and not long" tests
+
+# the exhaustive variants left out of `make test` (a few minutes)
+test-long: setup-test
+	SP_SERVER_TEST_POSTGRES=$$(bash tools/ci_postgres.sh) $(BIN)/python -m pytest -ra -m long tests
 
 bench: setup
 	$(BIN)/python tools/bench_eval.py

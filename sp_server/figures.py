@@ -13,8 +13,12 @@ __all__ = ["plt", "save"]
 
 def save(fig, path, dpi: int = 130) -> Path:
     """Lay out, write and close ``fig``; returns the path."""
+    from .io.jsonfile import atomic_path
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:   # never half a PNG, also on a full disk
+            fig.savefig(fh, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path

@@ -422,12 +422,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _written_path(exc) -> str:
+    """The file a failed write was writing: the OSError's filename, HDF5's message's, else (a plain write(),
+    SQLite) the database or open file found in the frames the error went through, innermost first."""
+    import io
+    import re
+    for name in (getattr(exc, "filename", None), getattr(exc, "filename2", None)):
+        if name is not None:
+            return str(name)
+    m = re.search(r"filename = '([^']+)'", str(exc))  # HDF5
+    if m:
+        return m.group(1)
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            module = type(value).__module__ or ""
+            if module.startswith("ase.db") and isinstance(getattr(value, "filename", None), str):
+                return value.filename  # an ase.db SQLite database
+            if type(value).__name__ == "Store" and isinstance(getattr(value, "url", None), str):
+                return value.url
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+                return value.name
+    return "(a file of the run)"
+
+
+def _disk_fault_message(exc):
+    """One line for a write that a full, over-quota, read-only or not-writable disk refused (``exc`` or an error
+    it was raised from), else None."""
+    import errno
+    import os
+    import sqlite3
+    from ..io.jsonfile import DISK_ERRNOS, error_errno
+    kinds = {errno.ENOSPC: "disk full", getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "no permission to write",
+             errno.EFBIG: "file size limit reached"}
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = reason = kind = None
+        if isinstance(exc, sqlite3.OperationalError):
+            if "database or disk is full" in str(exc):
+                code, reason, kind = errno.ENOSPC, str(exc), "disk full"
+            elif "readonly database" in str(exc):
+                code, reason, kind = errno.EROFS, str(exc), "read-only file system or database file"
+        elif isinstance(exc, (OSError, RuntimeError)):
+            code = error_errno(exc)
+            if code in DISK_ERRNOS:
+                reason, kind = os.strerror(code), kinds[code]
+        if code in DISK_ERRNOS:
+            again = ("make it writable and run the same command again" if code in (errno.EROFS, errno.EACCES)
+                     else "free space and run the same command again")
+            return f"cannot write {_written_path(exc)}: {reason} ({kind}); nothing was half-written; {again}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:  # ModelFileError, MappingError are ValueErrors
         print(f"sp-server {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a full / read-only disk: one line naming the file, no traceback
+        message = _disk_fault_message(exc)
+        if message is None:
+            raise
+        print(f"sp-server {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

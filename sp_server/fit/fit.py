@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 from tqdm import tqdm
 
+from ..io.jsonfile import atomic_path
 from ..model.model import Model
 from ..model.posterior import Posterior
 from ..model.terms import AnharmonicPart
@@ -125,7 +126,9 @@ class TrainingSet:
 
     def save(self, path, **extra):
         """Write the statistics (and the fingerprints of the structures in them) atomically to an .npz file;
-        ``extra``: arrays stored beside them (e.g. the store ids of the structures)."""
+        ``extra``: arrays stored beside them (e.g. the store ids of the structures).  A temporary file in the same
+        folder, fsync'ed and renamed (sp_server.io.jsonfile.atomic_path): a full or read-only disk leaves the
+        previous file and no temporary one, and raises an OSError naming ``path``."""
         path = Path(path)
         data = {"n_structures": self.n_structures, "seen": np.array(sorted(self._seen), dtype="U40"),
                 "pool_size": len(self.pool)}
@@ -133,9 +136,11 @@ class TrainingSet:
             for key, value in st.as_dict().items():
                 data[f"{q}.{key}"] = value
         data.update({f"extra.{k}": v for k, v in extra.items()})
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **data)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:  # a file object: np.savez does not append ".npz" to its name
+                np.savez(fh, **data)
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def load(self, path) -> dict:
         """Read statistics written by :meth:`save` for the same pool; returns the extra arrays."""

@@ -45,6 +45,7 @@ import numpy as np
 from ase import Atoms
 
 from ..io.ddb import _asr_onsite, _ws_weights
+from ..io.jsonfile import atomic_path
 from ..model.mapping import VOIGT_PAIRS, matrix_from_voigt
 from ..model.model import HarmonicPart, Model, Reference
 
@@ -163,9 +164,8 @@ class _Oracle:
                     self.log(f"  [{step}] attempt {attempt} of {self.attempts} failed: {exc}; retrying")
                 continue
             if path is not None:
-                tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-                np.savez(tmp, **out)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **out)
             return out
         raise OracleError(f"{errors[-1]} (failed {self.attempts} time(s); earlier: "
                           f"{'; '.join(e.rsplit(': ', 1)[-1] for e in errors[:-1]) or '-'})")

@@ -27,18 +27,19 @@ Layout (every dataset carries a ``unit`` attribute; see docs/model_format.md):
                            n_structures
 Version 1 files (no posterior) are still read.
 
-Files are written to a temporary name and renamed, so a reader never sees half a file.
+Files are written to a temporary name, fsync'ed and renamed, so a reader never sees half a file, and a full or
+read-only disk leaves the previous version in place (sp_server.io.jsonfile.atomic_path).
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from ..io.jsonfile import write_bytes
 from .model import HarmonicPart, Model, Reference
 from .terms import AnharmonicPart, Coefficient, DisplacementDiff, StrainFactor, Term
 
@@ -80,55 +81,49 @@ def _put(group, name, data, unit):
 
 
 def save_model(model: Model, path) -> Path:
-    """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``model`` to ``path`` atomically: the HDF5 file is built in memory, then written to a temporary file in
+    the same folder, fsync'ed and renamed (sp_server.io.jsonfile.atomic_path).  A full or read-only disk (or any
+    other error) leaves the previous file untouched and no temporary file, and raises an OSError naming ``path``.
+    HDF5 never sees the disk here: its own handling of a failed write (ENOSPC) can leave the library in a state
+    where the next call crashes the process."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["name"] = model.name
-            f.attrs["model_version"] = int(model.version)
-            f.attrs["metadata"] = json.dumps(model.metadata, sort_keys=True, default=str)
-            ref = f.create_group("reference")
-            _put(ref, "cell", model.reference.cell, "Angstrom")
-            _put(ref, "positions", model.reference.positions, "Angstrom")
-            _put(ref, "numbers", model.reference.numbers, "1")
-            _put(ref, "masses", model.reference.masses, "amu")
-            _put(ref, "energy", model.reference.energy, "eV")
-            h = model.harmonic
-            har = f.create_group("harmonic")
-            _put(har, "ifc_cells", h.ifc_cells, "lattice vectors")
-            _put(har, "ifc", h.ifc, "eV/Angstrom^2")
-            _put(har, "elastic", h.elastic, "eV/Angstrom^3")
-            _put(har, "internal_strain", h.internal_strain, "eV/Angstrom")
-            if h.has_dipole:
-                _put(har, "born_charges", h.born_charges, "e")
-                _put(har, "epsilon_inf", h.epsilon_inf, "1")
-            anh = f.create_group("anharmonic")
-            tc, tw, doff, disp, soff, strain = _flatten_terms(model.anharmonic.coefficients)
-            _put(anh, "values", model.anharmonic.values, "eV/Angstrom^order")
-            anh.create_dataset("names", data=np.array([c.name for c in model.anharmonic.coefficients], dtype=object),
-                               dtype=h5py.string_dtype())
-            _put(anh, "term_coefficient", tc, "1")
-            _put(anh, "term_weight", tw, "1")
-            _put(anh, "disp_offsets", doff, "1")
-            _put(anh, "disp", disp, "1")
-            _put(anh, "strain_offsets", soff, "1")
-            _put(anh, "strain", strain, "1")
-            if model.posterior is not None:
-                _write_posterior(f.create_group("posterior"), model.posterior)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: a model is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["name"] = model.name
+        f.attrs["model_version"] = int(model.version)
+        f.attrs["metadata"] = json.dumps(model.metadata, sort_keys=True, default=str)
+        ref = f.create_group("reference")
+        _put(ref, "cell", model.reference.cell, "Angstrom")
+        _put(ref, "positions", model.reference.positions, "Angstrom")
+        _put(ref, "numbers", model.reference.numbers, "1")
+        _put(ref, "masses", model.reference.masses, "amu")
+        _put(ref, "energy", model.reference.energy, "eV")
+        h = model.harmonic
+        har = f.create_group("harmonic")
+        _put(har, "ifc_cells", h.ifc_cells, "lattice vectors")
+        _put(har, "ifc", h.ifc, "eV/Angstrom^2")
+        _put(har, "elastic", h.elastic, "eV/Angstrom^3")
+        _put(har, "internal_strain", h.internal_strain, "eV/Angstrom")
+        if h.has_dipole:
+            _put(har, "born_charges", h.born_charges, "e")
+            _put(har, "epsilon_inf", h.epsilon_inf, "1")
+        anh = f.create_group("anharmonic")
+        tc, tw, doff, disp, soff, strain = _flatten_terms(model.anharmonic.coefficients)
+        _put(anh, "values", model.anharmonic.values, "eV/Angstrom^order")
+        anh.create_dataset("names", data=np.array([c.name for c in model.anharmonic.coefficients], dtype=object),
+                           dtype=h5py.string_dtype())
+        _put(anh, "term_coefficient", tc, "1")
+        _put(anh, "term_weight", tw, "1")
+        _put(anh, "disp_offsets", doff, "1")
+        _put(anh, "disp", disp, "1")
+        _put(anh, "strain_offsets", soff, "1")
+        _put(anh, "strain", strain, "1")
+        if model.posterior is not None:
+            _write_posterior(f.create_group("posterior"), model.posterior)
+    return write_bytes(path, buffer.getbuffer())
 
 
 def _write_posterior(g, post):

@@ -20,6 +20,7 @@ labelled frames are never labelled again.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ from ..fit.fit import (
 )
 from ..fit.generate import GeneratorSettings, generate_terms
 from ..fit.harmonic import HarmonicSettings, harmonic_from_oracle, read_phonopy_born
-from ..io.jsonfile import write_json
+from ..io.jsonfile import write_bytes, write_json
 from ..model.model import Model
 from ..model.native import load_model, save_model
 from ..model.posterior import ErrorThreshold
@@ -77,13 +78,17 @@ class OnTheFly:
         self._oracle = None
         self.threshold = ErrorThreshold.parse(config.loop.threshold)
         if config.path is not None and not (self.dir / "config.toml").exists():
-            shutil.copy(config.path, self.dir / "config.toml")
+            write_bytes(self.dir / "config.toml", Path(config.path).read_bytes())   # atomic: never half a copy
 
     # ------------------------------------------------------------------------------------------------ plumbing
     def log(self, msg: str):
         self._print(msg)
-        with open(self.dir / "otf.log", "a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {msg}\n")
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {msg}\n".encode()
+        fd = os.open(self.dir / "otf.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            os.write(fd, line)   # one append: whole lines only, also when the disk fills up
+        finally:
+            os.close(fd)
 
     def _load_state(self) -> dict:
         if self.state_path.exists():
@@ -138,6 +143,8 @@ class OnTheFly:
     def run(self) -> Path:
         """Run (or continue) the loop to the end; returns the final model's path."""
         if self.state["stage"] == "done":
+            if not (self.dir / "report" / "summary.md").exists():   # stopped while the report was written
+                write_report(self.dir)
             self.log(f"already done: model {self.dir / 'model.h5'} (version {self.state['model_version']}); "
                      f"report {self.dir / 'report'} (sp-server otf CONFIG --report rewrites it)")
             return self.dir / "model.h5"
@@ -224,9 +231,15 @@ class OnTheFly:
     def md_stage(self):
         cfg = self.config
         key = self._iteration_key()
-        if self.store.has_run(key):
-            return  # this MD finished and its frames are in the store: nothing to redo
         folder = self.dir / "md" / key
+        if self.store.has_run(key):
+            # this MD finished and its frames are in the store: nothing to redo, but its record may not have reached
+            # the state (stopped in between): take it from summary.json, written before the frames
+            if (self.state.get("pending_record") or {}).get("key") != key:
+                record = json.loads((folder / "summary.json").read_text())
+                self._save_state(md_steps=self.state["md_steps"] + int(record["md_steps"]), pending_record=record)
+            return
+
         if folder.exists():  # an interrupted run of this MD: start it again from scratch
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
@@ -305,8 +318,10 @@ class OnTheFly:
                   "md_status": {o.name: o.status for o in outcomes}}
         # one transaction, once (a restart after this point finds the run in the store; an empty batch is simply
         # redone: it added nothing)
-        self.store.add_many(new, run=key)
+        # the record first (summary.json), then the frames in one transaction, once, then the state: a stop between
+        # any two of these (kill -9, a full disk) is picked up by the next start (see the top of md_stage)
         write_json(folder / "summary.json", record)
+        self.store.add_many(new, run=key)
         self._save_state(md_steps=self.state["md_steps"] + steps, pending_record=record)
 
     def holdout_stage(self):

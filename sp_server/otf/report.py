@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..figures import plt, save
+from ..io.jsonfile import atomic_path, write_bytes, write_json
 from ..model.native import load_model
 from ..model.posterior import ErrorThreshold
 from ..potential import Evaluator
@@ -205,7 +206,7 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
     data = parity_data(store, model)
     figs.append(plot_parity(data, report / "fig2_parity.png"))
     figs.append(_fig_growth(history, report))
-    with open(report / "iterations.csv", "w", newline="") as fh:
+    with atomic_path(report / "iterations.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["key", "temperature_K", "iteration", "flagged", "labelled", "max_error", "n_train",
                     "oracle_calls", "md_steps_total", "model_version", "val_energy_mev_per_cell", "val_forces_ev_a",
@@ -237,8 +238,7 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
             "stress_gpa": rmse(val["stress"][sel])}
         summary["validation_all"] = {"n_frames": int(len(temps)), "energy_mev_per_cell": rmse(val["energy"]),
                                      "forces_ev_a": rmse(val["forces"]), "stress_gpa": rmse(val["stress"])}
-    with open(report / "summary.json", "w") as fh:
-        json.dump(summary, fh, indent=1)
+    write_json(report / "summary.json", summary)
     lines = ["# On-the-fly run report", "", f"run folder: `{run}`", "",
              f"- final model: `model.h5` version {summary['model_version']}",
              f"- oracle calls: {summary['oracle_calls']}, MD steps: {summary['md_steps']}, "
@@ -262,5 +262,6 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
                      f"{fmt(v.get('energy_mev_per_cell'), '.3f')} | {fmt(v.get('forces'), '.4f')} | "
                      f"{fmt(v.get('stress_gpa'), '.4f')} |")
     lines += ["", "Figures:"] + [f"- ![{p.stem}]({p.name})" for p in figs]
-    (report / "summary.md").write_text("\n".join(lines) + "\n")
+    # written last: its presence says the report is complete (a run that is done rewrites a report without it)
+    write_bytes(report / "summary.md", ("\n".join(lines) + "\n").encode())
     return report
