@@ -73,14 +73,31 @@ def transaction(url: str):
     try:
         yield db
         raw.commit()
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             raw.rollback()
+        disk = _disk_error(exc, url)
+        if disk is not None:
+            raise disk from exc
         raise
     finally:
         db.connection = None
         with contextlib.suppress(Exception):
             raw.close()
+
+
+def _disk_error(exc: BaseException, url) -> OSError | None:
+    """SQLite's "database or disk is full" / "readonly database" as an OSError naming the database (SQLite's own
+    message names no file), else None."""
+    import errno
+    import sqlite3
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "database or disk is full" in text:
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({text})", str(url))
+        if "readonly database" in text:
+            return OSError(errno.EROFS, f"{os.strerror(errno.EROFS)} ({text})", str(url))
+    return None
 
 
 def _holder(path: Path) -> str:

@@ -390,8 +390,9 @@ class Injector:
                 self.fired.append(name)
                 if self.disk is not None:
                     self.disk.fill(leave)
-                elif name == "Store.add_many":
-                    raise sqlite3.OperationalError("database or disk is full")
+                elif name == "Store.add_many":   # what the store makes of SQLite's "database or disk is full"
+                    raise OSError(errno.ENOSPC, "No space left on device (database or disk is full)",
+                                  str(args[0].url))
                 else:
                     path = args[1] if name in ("save_model", "TrainingSet.save") else args[0]
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -424,8 +425,8 @@ def test_loop_goes_on_after_each_full_disk(tmp_path, monkeypatch, maybe_tmpfs):
     cfg = OtfConfig.load(fast_config(tmp_path / "cfg", run))
     inj = Injector(monkeypatch, maybe_tmpfs)
     faults = [
-        ("Store.add_many", lambda self, frames, run=None: run == "initial", 0, sqlite3.OperationalError,
-         "database or disk is full", None),
+        ("Store.add_many", lambda self, frames, run=None: run == "initial", 0, OSError,
+         "database or disk is full", run / "store.db"),
         ("save_model", lambda model, path: Path(path).name == "model.h5", 16_384, OSError, None, run / "model.h5"),
         ("TrainingSet.save", lambda self, path, **extra: True, 1 << 20, OSError, None, run / "stats.npz"),
         ("write_json", lambda path, data, *a, **k: Path(path).name == "state.json" and data.get("stage") == "holdout",
@@ -585,7 +586,7 @@ def test_cli_says_which_file_in_one_line(tmp_path, maybe_tmpfs):
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
-        f"sp-server otf: error: cannot write {run / 'store.db'}: database or disk is full (disk full); {HINT_FULL}"]
+        f"sp-server otf: error: cannot write {run / 'store.db'}: No space left on device (disk full); {HINT_FULL}"]
     assert load_model(run / "harmonic.h5") and load_model(run / "pool.h5")
     assert Store(run / "store.db").rows() == []                 # the transaction was rolled back as a whole
     _check_intact(run)
