@@ -28,7 +28,7 @@ demo: setup
 
 # 2) test dependencies + the whole test suite (slow tests included; see README)
 test: setup-test
-	SP_SERVER_TEST_POSTGRES=$$(bash tools/ci_postgres.sh) $(BIN)/python -m pytest -ra -m "not long" tests
+	SP_SERVER_TEST_POSTGRES=$$(bash tools/ci_postgres.sh) $(BIN)/python -m pytest -ra --durations=15 -m "not long" tests
 
 # the suite without the tests marked slow
 test-fast: setup-test

@@ -149,6 +149,7 @@ def check_run(run: Path, failures_allowed: bool = False):
     return state, store
 
 
+@pytest.mark.long      # the faulty, killed run below checks all of this and more in the README's suite
 def test_loop_end_to_end(tmp_path):
     cfg = OtfConfig.load(write_config(tmp_path))
     lines = []
@@ -234,6 +235,11 @@ def test_faulty_oracle_two_workers_killed_three_times_finishes_with_nothing_lost
     for reason in ("injected fault", "non-finite", "largest force", "no stress", "no answer after 5 s", "died"):
         assert reason in errors, reason
     assert store.counts()["labeled"] > 0
+    # run again: nothing to do, nothing added
+    n = len(store.rows())
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already done" in again.stdout + again.stderr
+    assert len(Store(run / "store.db").rows()) == n
 
 
 def test_label_stage_with_mpi_workers_reads_the_oracle_table(tmp_path):
