@@ -72,6 +72,31 @@ def displaced(model, mesh, seed=1, amp=0.08, strain=0.02, rotate=True):
     return atoms
 
 
+def kill_at_marker(cmd, marker, *, limit: float, what: str):
+    """Start ``cmd``, wait until it creates ``marker`` (its injected pause: the fault point), SIGKILL it there and
+    return the dead process.  Fails if it dies before the marker or does not reach it in ``limit`` seconds (``what``
+    names the point in the messages)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the process died before {what}: {proc.stdout.read()}")
+            assert time.monotonic() - t0 < limit, f"the process never reached {what}"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def toy():
     return toy_perovskite()

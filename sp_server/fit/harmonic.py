@@ -34,7 +34,6 @@ naming the step and the configuration; nothing is ever silently replaced by zero
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -129,12 +128,8 @@ class _Oracle:
         self.ncached = 0
 
     def _key(self, atoms: Atoms, props) -> str:
-        h = hashlib.sha1()
-        h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-        h.update(np.round(atoms.positions, 10).tobytes())
-        h.update(np.round(atoms.cell.array, 10).tobytes())
-        h.update(",".join(props).encode())
-        return h.hexdigest()
+        from .fit import fingerprint
+        return f"{fingerprint(atoms, 10)}-{'-'.join(props)}"
 
     def __call__(self, atoms: Atoms, step: str, label: str, props=("energy", "forces", "stress")) -> dict:
         self.ncalls += 1

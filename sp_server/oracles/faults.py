@@ -18,7 +18,6 @@ count what was computed.  Other options go to the wrapped oracle.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -31,11 +30,9 @@ KINDS = ("raise", "nan", "huge", "nostress", "hang", "crash", "none")
 
 
 def structure_hash(atoms) -> int:
-    h = hashlib.sha1()
-    h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-    h.update(np.round(np.asarray(atoms.positions, dtype=float), 6).tobytes())
-    h.update(np.round(np.asarray(atoms.cell.array, dtype=float), 6).tobytes())
-    return int(h.hexdigest()[:12], 16)
+    """The structure's fingerprint (sp_server.fit.fingerprint, 1e-6 A) as an integer."""
+    from ..fit.fit import fingerprint
+    return int(fingerprint(atoms, 6)[:12], 16)
 
 
 class FaultyOracle(Calculator):

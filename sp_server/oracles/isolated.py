@@ -12,7 +12,6 @@ Units are the wrapped calculator's (ASE's: eV, eV/A, eV/A^3).
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import signal
@@ -25,9 +24,6 @@ import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from ..processes import die_with_parent
-
-log = logging.getLogger("sp_server.oracles")
-
 
 class OracleTimeout(RuntimeError):
     """The oracle call took longer than its limit; the oracle's processes were killed."""

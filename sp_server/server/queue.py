@@ -34,7 +34,7 @@ from typing import Optional
 
 from ase import Atoms
 
-from ..store.db import PG_CONNECT_TIMEOUT_S, db_url as _db_url, is_postgres, redact, transaction as _transaction
+from ..store.db import PG_CONNECT_TIMEOUT_S, is_postgres, redact, transaction as _transaction
 
 log = logging.getLogger("sp_server.queue")
 
@@ -60,7 +60,7 @@ def requeue(path, url) -> int:
     returns their number."""
     import ase.io
     frames = ase.io.read(str(path), ":", format="extxyz")
-    with _transaction(_db_url(str(url))) as db:
+    with _transaction(str(url)) as db:
         for atoms in frames:
             kv = {k: v for k, v in atoms.info.items() if k != "queue"}
             db.write(Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=True), **kv)
@@ -71,7 +71,6 @@ class FlagQueue:
     def __init__(self, url: str, batch_seconds: float = 0.5, *, retry_first: float = 0.5, retry_max: float = 30.0,
                  dump_dir=None):
         self.url = str(url)
-        self._url = _db_url(self.url)
         self._q: queue.Queue = queue.Queue()
         self._batch_seconds = batch_seconds
         self.retry_first = float(retry_first)
@@ -90,7 +89,7 @@ class FlagQueue:
         self.dump_path: Optional[Path] = None
         for attempt in range(3):  # fail early, in the caller, on a bad URL or path; create the tables once, here
             try:
-                with _transaction(self._url) as db:
+                with _transaction(self.url) as db:
                     db.count()
                 break
             except Exception:
@@ -171,7 +170,7 @@ class FlagQueue:
     def _write(self, rows):
         """One batch, one transaction: all of its frames are in the queue afterwards, or none (an error is
         raised)."""
-        with _transaction(self._url) as db:
+        with _transaction(self.url) as db:
             for atoms, kv in rows:
                 db.write(atoms, **kv)
 

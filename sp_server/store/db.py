@@ -44,8 +44,9 @@ def is_postgres(url) -> bool:
 def connect(url):
     """An ase.db connection (SQLite path or PostgreSQL URL) without ase's lock file; every process talks to the
     database itself (``serial=True``: ase's default under MPI would make rank 0 read and broadcast, which
-    deadlocks ranks that work independently)."""
-    return ase.db.connect(str(url), serial=True, use_lock_file=False)
+    deadlocks ranks that work independently); a PostgreSQL connection attempt gives up after
+    PG_CONNECT_TIMEOUT_S."""
+    return ase.db.connect(db_url(str(url)), serial=True, use_lock_file=False)
 
 
 def redact(url: str) -> str:
@@ -149,7 +150,7 @@ def pg_lock(url, key: int = PG_LOCK_KEY, *, timeout: float = LOCK_TIMEOUT_S, wha
     """A PostgreSQL session advisory lock: the server releases it when this client's connection ends, also when
     the client is killed.  The wait is bounded and logged with the holder's backend pid and client address."""
     import psycopg2
-    conn = psycopg2.connect(str(url), connect_timeout=30)
+    conn = psycopg2.connect(db_url(str(url)))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from sp_server.oracles.faults import structure_hash
+from tests.conftest import kill_at_marker
 from sp_server.server.queue import FlagQueue, redact, requeue
 from sp_server.store.db import connect
 
@@ -152,21 +153,9 @@ def test_server_killed_mid_batch_leaves_each_frame_fully_in_or_out(tmp_path, url
     script.write_text(KILLED_WRITER)
     marker = tmp_path / "inside_batch_b"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.Popen([sys.executable, str(script), url, str(marker), root], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        t0 = time.monotonic()
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the writer died before the pause: {proc.stdout.read()}")
-            assert time.monotonic() - t0 < 40, "the writer never reached the 3rd row of batch B"
-            time.sleep(0.02)
-        # batch B's 3 rows are written, uncommitted; batch A was committed before B began
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # killed when batch B's 3 rows are written, uncommitted; batch A was committed before B began
+    proc = kill_at_marker([sys.executable, str(script), url, str(marker), root], marker, limit=40,
+                          what="the 3rd row of batch B")
     assert proc.returncode == -signal.SIGKILL
     assert_rows_are(url, [record(k) for k in range(3)])     # A intact, none of B
     # the queue is usable at once (no lock or open transaction of the dead writer in the way)

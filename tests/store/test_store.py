@@ -9,6 +9,7 @@ import pytest
 from ase.build import bulk
 
 from sp_server.store import Store
+from tests.conftest import kill_at_marker
 
 
 def frames(n):
@@ -155,25 +156,14 @@ else:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["store", "queue"])
 def test_writer_killed_inside_the_write_does_not_block_the_next(tmp_path, how):
-    import subprocess
     import sys
     url = tmp_path / "store.db"
     Store(url).add_many([(bulk("Cu", cubic=True), {"role": "train"})], run="before")
     script = tmp_path / "writer.py"
     script.write_text(KILLED_WRITER)
     marker = tmp_path / "inside"
-    proc = subprocess.Popen([sys.executable, str(script), str(url), str(marker), how])
-    try:
-        t0 = time.monotonic()
-        while not marker.exists():
-            assert proc.poll() is None, "the writer died before reaching the write"
-            assert time.monotonic() - t0 < 60, "the writer never reached the write"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_marker([sys.executable, str(script), str(url), str(marker), how], marker, limit=60,
+                   what="the write")
     assert not list(tmp_path.glob("*.db.lock")), "ase.db's lock file is in use"
     t0 = time.monotonic()
     store = Store(url)
