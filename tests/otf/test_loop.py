@@ -269,3 +269,42 @@ def test_label_stage_with_mpi_workers_reads_the_oracle_table(tmp_path):
         b = a.copy()
         b.calc = calc
         assert abs(a.get_potential_energy() - b.get_potential_energy()) < 1e-9
+
+
+@pytest.mark.timeout(300)
+def test_a_labelling_rank_killed_mid_call_loses_nothing(tmp_path):
+    """[label] workers = 2 with the oracle in the worker itself (call_timeout_s = 0): an oracle call that kills its
+    rank with SIGKILL (MPICH then ends the other rank too).  The dead ranks' claims go back to pending with the
+    reason, the loop starts the workers again, and every frame ends labelled once."""
+    path = write_config(tmp_path)
+    text = path.read_text()
+    text = text.replace(text[text.index("[oracle]"):text.index("[harmonic]")],
+                        FAULTY.format(teacher=tmp_path / "teacher.h5", faults=tmp_path / "faults")
+                        .replace('faults = ["raise", "nan", "huge", "nostress", "hang", "crash", "none", "none", '
+                                 '"none"]', 'faults = ["crash", "none", "none"]'))
+    venv_mpiexec = Path(sys.executable).parent / "mpiexec"
+    text = text.replace("[fit]", f"[label]\nworkers = 2\nmpiexec = \"{venv_mpiexec}\"\ncall_timeout_s = 0\n[fit]")
+    path.write_text(text)
+    otf = OnTheFly(OtfConfig.load(path), progress=False, log=lambda m: None)
+    teacher_model = load_model(tmp_path / "teacher.h5")
+    rng = np.random.default_rng(5)
+    frames = []
+    for _ in range(6):
+        a = teacher_model.supercell((1, 1, 1))
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+        frames.append((a, {"role": "train", "origin": "test"}))
+    otf.store.add_many(frames, run="test")
+    otf.label_stage()
+    rows = otf.store.rows()
+    assert len(rows) == 6 and all(r.state == "labeled" for r in rows)
+    log = (tmp_path / "faults" / "calls.log").read_text().split()
+    crashed = {key for key, kind in zip(log[0::4], log[2::4]) if kind == "crash"}
+    assert crashed, "no call crashed its rank"
+    died = [r for r in rows if "died during the call" in str(r.get("last_error", ""))]
+    assert died and all(r.attempts >= 2 for r in died)
+    # every structure computed to the end and stored once (MPI ends the sibling rank too, so a call it had in
+    # flight may be computed again: lost work, never a doubled or lost frame)
+    done = {key for key, kind in zip(log[0::4], log[2::4]) if kind == "none"}
+    assert len(done) == 6
+    fp = fingerprints(otf.store)
+    assert len(fp) == len(set(fp)) == 6
