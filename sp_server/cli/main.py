@@ -123,7 +123,8 @@ def _cmd_fit(args):
     report = FitReport()
     add_structures(ts, iter_structures(args.training), report, progress=not args.no_progress)
     fixed_off = {len(pool) + k: 0.0 for k in range(len(bounding))}
-    model, report = fit_training_set(ts, base, select=args.select, fixed=fixed_off, report=report)
+    model, report = fit_training_set(ts, base, select=args.select, select_by=args.select_by, fixed=fixed_off,
+                                     report=report)
     print(f"fitted {len(model.anharmonic)} coefficients on {report.n_structures} structures "
           f"({report.n_rows} rows; {len(report.skipped)} skipped): sigma_v {report.sigma_v:.3g}, "
           f"sigma_w {report.sigma_w:.3g}, log evidence {report.log_evidence:.6g}")
@@ -133,9 +134,13 @@ def _cmd_fit(args):
         print(f"  {value: .6e} +- {np.sqrt(var):.2e}  {text}")
     ready = False  # only a model that passed the boundedness check is "ready"
     if not args.no_bound:
-        # the same selection, refitted with the bounding terms held at growing values until the check passes
-        model, report, bound = fit_bounded(ts, base, select=args.select, bounding=list(fixed_off),
-                                           fitted=(model, report))
+        # the same selection and the bounding terms, at the posterior's most probable values under the boundedness
+        # constraints (bounded by construction, fit.bound.fit_bounded)
+        from ..fit.bound import BoundSettings
+        from ..otf.structures import polar_backgrounds
+        settings = BoundSettings(backgrounds=polar_backgrounds(base) if base.natoms == 5 else ())
+        model, report, bound = fit_bounded(ts, base, select=args.select, select_by=args.select_by,
+                                           bounding=list(fixed_off), fitted=(model, report), settings=settings)
         ready = bound.bounded
         model.metadata["bounded"] = bound.bounded
     model.metadata["ready"] = ready
@@ -307,7 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--harmonic", metavar="MODEL", required=True, help="model whose reference and harmonic part are kept")
     f.add_argument("--terms", metavar="TERMS", required=True,
                    help="MULTIBINIT coefficient XML whose terms form the pool (values ignored), or 'generate'")
-    f.add_argument("--select", type=int, metavar="N", help="select N terms by forward selection (default: fit all)")
+    f.add_argument("--select", type=int, metavar="N",
+                   help="forward selection of at most N terms (default: fit all of them)")
+    f.add_argument("--select-by", choices=("evidence", "count"), default="evidence",
+                   help="with --select: keep as many as maximise the log evidence (default), or exactly N")
     f.add_argument("--cutoff", type=float, default=2.89, help="generate: pair cutoff, A (default 2.89)")
     f.add_argument("--orders", type=int, nargs="+", default=[3, 4, 5, 6], help="generate: displacement orders")
     f.add_argument("--max-bodies", type=int, default=2, help="generate: distinct differences per term (default 2)")

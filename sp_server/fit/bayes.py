@@ -1,8 +1,10 @@
 """Bayesian linear regression with the evidence approximation (paper eqs. 6-15; Bishop, PRML 3.3-3.5).
 
 Rows are whitened (each energy, force and stress residual divided by its quantity scale) so that one noise level
-sigma_v serves all of them; columns are divided by their RMS over the data (``feature_scale``) so that one prior
-width sigma_w is meaningful for coefficients of very different orders.  Only sufficient statistics are kept:
+sigma_v serves all of them; columns are divided by their RMS over the data (``feature_scale``), but never by less
+than their RMS at small typical distortions (a floor), so that one prior width sigma_w is meaningful for
+coefficients of very different orders, and a term the data hardly touch stays near its prior mean 0 instead of
+being blown up to fit noise (a column of RMS 1e-20 scaled to 1 gave coefficients of 1e22).  Only sufficient statistics are kept:
 A = Phi^T Phi, b = Phi^T y, y^T y and the row count, so adding structures costs their own rows and a refit with
 thousands of structures takes milliseconds to seconds (an eigen-decomposition of an nz x nz matrix).
 """
@@ -66,10 +68,18 @@ class SufficientStats:
         s.yy, s.n_rows, s.n_structures = float(d["yy"]), int(d["n_rows"]), int(d["n_structures"])
         return s
 
-    def feature_scale(self) -> np.ndarray:
-        """RMS of each column over the rows (1 for columns that are identically zero)."""
+    def feature_scale(self, floor=None) -> np.ndarray:
+        """RMS of each column over the rows, at least ``floor`` (per column; see
+        :meth:`sp_server.fit.fit.TrainingSet.typical_scale`); 1 for columns that are zero (below 1e-12 of the
+        largest), which leaves them at zero and out of the selection."""
         rms = np.sqrt(np.diag(self.A) / max(self.n_rows, 1))
-        return np.where(rms > 0, rms, 1.0)
+        if floor is not None:
+            rms = np.maximum(rms, np.asarray(floor, dtype=float))
+        # a column 1e-12 times smaller than the largest is zero up to rounding (a term whose orbit cancels in every
+        # cell of the data, e.g. (Ba_x-O_x)(Ba_y-O_y) eta_1 eta_2 on 2x2x2): scaled up to unit size it was selected
+        # and fitted to rounding noise, with a variance of 1e35 that made every Bayesian error 1e8 eV/A
+        big = float(rms.max()) if rms.size else 0.0
+        return np.where(rms > 1e-12 * big, rms, 1.0)
 
 
 def evidence_fit(A, b, yy, n_rows, *, alpha=1.0, beta=1.0, max_iter=200, tol=1e-8) -> EvidenceFit:
@@ -107,21 +117,22 @@ def evidence_fit(A, b, yy, n_rows, *, alpha=1.0, beta=1.0, max_iter=200, tol=1e-
                        converged)
 
 
-def fit_stats(stats: SufficientStats, subset=None, **kw) -> tuple[EvidenceFit, np.ndarray]:
-    """Evidence fit on the (optionally column-subset) statistics; returns the fit in scaled space and the scales."""
+def fit_stats(stats: SufficientStats, subset=None, *, floor=None, **kw) -> tuple[EvidenceFit, np.ndarray]:
+    """Evidence fit on the (optionally column-subset) statistics; returns the fit in scaled space and the scales.
+    floor: least column scale, per column of ``stats`` (see SufficientStats.feature_scale)."""
     idx = np.arange(stats.ncoef) if subset is None else np.asarray(subset, dtype=int)
-    scale = stats.feature_scale()[idx]
+    scale = stats.feature_scale(floor)[idx]
     A = stats.A[np.ix_(idx, idx)] / np.outer(scale, scale)
     b = stats.b[idx] / scale
     return evidence_fit(A, b, stats.yy, stats.n_rows, **kw), scale
 
 
-def forward_selection(stats: SufficientStats, n_select: int, *, log=None) -> tuple[list, list]:
+def forward_selection(stats: SufficientStats, n_select: int, *, log=None, floor=None) -> tuple[list, list]:
     """Greedy forward stepwise selection: at each step the candidate that most reduces the residual sum of squares
     of the least-squares fit on the selected columns (partial correlation from A and b, incremental Cholesky);
     the evidence of the selected set is recorded after each addition.  Returns (selected indices, evidence per
-    step)."""
-    scale = stats.feature_scale()
+    step).  floor: least column scale (SufficientStats.feature_scale)."""
+    scale = stats.feature_scale(floor)
     A = stats.A / np.outer(scale, scale)
     b = stats.b / scale
     n = len(b)
@@ -157,8 +168,17 @@ def forward_selection(stats: SufficientStats, n_select: int, *, log=None) -> tup
         else:
             L = np.array([[np.sqrt(max(A[j, j], ridge))]])
         selected.append(j)
-        ev, _ = fit_stats(stats, selected)
+        ev, _ = fit_stats(stats, selected, floor=floor)
         evidences.append(ev.log_evidence)
         if log is not None:
             log(step + 1, j, ev)
     return selected, evidences
+
+
+def evidence_count(evidences) -> int:
+    """How many of the forward selection's terms to keep: the step of the largest log evidence (a term that does
+    not pay for the prior volume it opens lowers it)."""
+    ev = np.asarray(evidences, dtype=float)
+    if len(ev) == 0:
+        return 0
+    return int(np.nanargmax(np.where(np.isfinite(ev), ev, -np.inf))) + 1

@@ -22,7 +22,7 @@ from ..model.posterior import Posterior
 from ..model.terms import AnharmonicPart
 from ..potential import Evaluator
 from ..units import GPA_EV_A3
-from .bayes import SufficientStats, fit_stats, forward_selection
+from .bayes import SufficientStats, evidence_count, fit_stats, forward_selection
 
 QUANTITIES = ("energy", "forces", "stress")
 
@@ -74,6 +74,29 @@ class TrainingSet:
         self.stats = {q: SufficientStats(len(self.pool)) for q in QUANTITIES}
         self._seen: set = set()
         self.n_structures = 0
+        self._typical = None
+
+    def typical_scale(self, amplitude: float = 0.05, strain: float = 0.005, n: int = 8, seed: int = 0) -> np.ndarray:
+        """RMS of each whitened design column over ``n`` small typical distortions of a 2x2x2 supercell of the
+        reference (random displacements of RMS ``amplitude`` A, random strain of about ``strain``): the least
+        column scale of the fit (:func:`sp_server.fit.bayes.fit_stats`).  Depends only on the pool, the reference
+        and the quantity scales."""
+        if self._typical is None:
+            rng = np.random.default_rng(seed)
+            total, rows = np.zeros(len(self.pool)), 0
+            for _ in range(n):
+                atoms = self.model.supercell((2, 2, 2))
+                atoms.positions += rng.normal(0.0, amplitude / np.sqrt(3.0), atoms.positions.shape)
+                eps = rng.normal(0.0, strain, (3, 3))
+                atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+                res = self.evaluator.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, design=True)
+                nat = len(atoms)
+                total += (res.phi_energy / (self.scales.energy_per_atom * nat)) ** 2
+                total += np.sum((res.phi_forces.reshape(len(self.pool), -1) / self.scales.force) ** 2, axis=1)
+                total += np.sum((res.phi_stress / (self.scales.stress_gpa * GPA_EV_A3)) ** 2, axis=1)
+                rows += 1 + 3 * nat + 6
+            self._typical = np.sqrt(total / rows)
+        return self._typical
 
     def add(self, atoms, label: str = "structure") -> list:
         """Add one labelled structure; returns warnings (quantities left out).  Raises ValueError when the whole
@@ -210,22 +233,24 @@ def add_structures(ts: TrainingSet, structures: Iterable, report: FitReport, *, 
 
 def fit_model(structures: Iterable, base: Model, pool, *, select: Optional[int] = None,
               scales: QuantityScales = QuantityScales(), name: Optional[str] = None, progress: bool = True,
-              log=print) -> tuple[Model, FitReport]:
+              log=print, select_by: str = "evidence") -> tuple[Model, FitReport]:
     """Fit the coefficients of ``pool`` (all of them, or ``select`` chosen by forward selection) to
     ``structures`` (iterable of (label, Atoms-with-results or Exception)); returns the model with its posterior."""
     ts = TrainingSet(base, pool, scales)
     report = FitReport()
     add_structures(ts, structures, report, progress=progress, log=log)
-    return fit_training_set(ts, base, select=select, name=name, report=report)
+    return fit_training_set(ts, base, select=select, name=name, report=report, select_by=select_by)
 
 
 def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = None, subset=None,
                      fixed: Optional[dict] = None, name: Optional[str] = None, report: Optional[FitReport] = None,
-                     version: Optional[int] = None) -> tuple[Model, FitReport]:
+                     version: Optional[int] = None, select_by: str = "evidence") -> tuple[Model, FitReport]:
     """Bayesian regression (evidence approximation) on the statistics of ``ts``; the model keeps the harmonic part
     and reference of ``base``.
 
-    select: choose that many coefficients by forward selection (default: all free ones);
+    select: choose coefficients by forward selection, at most that many (default: all free ones, no selection);
+    select_by: "evidence" keeps the first k of the selection path with k where the log evidence is largest,
+        "count" keeps ``select`` of them;
     subset: or give the pool indices to fit (no selection);
     fixed: {pool index: value} coefficients held at fixed values (eV per unit of the term, e.g. bounding terms):
         their contribution is taken out of the targets exactly (from the sufficient statistics), they are never
@@ -239,6 +264,7 @@ def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = No
     fixed = {int(k): float(v) for k, v in (fixed or {}).items()}
     free = np.array([j for j in range(len(ts.pool)) if j not in fixed], dtype=int)
     stats = _reduced_stats(full, free, fixed)
+    floor = ts.typical_scale()[free]
     if subset is not None:
         position = {int(j): k for k, j in enumerate(free)}
         bad = [int(j) for j in subset if int(j) not in position]
@@ -246,12 +272,16 @@ def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = No
             raise ValueError(f"subset holds fixed or unknown pool indices {bad}")
         local = np.array([position[int(j)] for j in subset], dtype=int)
     elif select is not None and select < len(free):
-        local, evid = forward_selection(stats, select)
+        if select_by not in ("evidence", "count"):
+            raise ValueError(f"select_by must be 'evidence' or 'count', got {select_by!r}")
+        local, evid = forward_selection(stats, select, floor=floor)
+        if select_by == "evidence":
+            local = local[:evidence_count(evid)]
         local = np.array(local, dtype=int)
         report.evidence_path = evid
     else:
         local = np.arange(len(free))
-    ev, scale = fit_stats(stats, local)
+    ev, scale = fit_stats(stats, local, floor=floor)
     w_phys = ev.mean / scale
     cov_phys = ev.covariance / np.outer(scale, scale)
     chosen = free[local]
@@ -269,7 +299,8 @@ def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = No
     values = np.concatenate([w_phys, [fixed[j] for j in held]])
     meta = dict(base.metadata, fit={
         "n_structures": ts.n_structures, "n_rows": stats.n_rows, "pool_size": len(ts.pool),
-        "selected": int(nz), "fixed": int(nh), "sigma_v": posterior.sigma_v, "sigma_w": posterior.sigma_w,
+        "selected": int(nz), "fixed": int(nh), "select_by": select_by if subset is None and select else None,
+        "sigma_v": posterior.sigma_v, "sigma_w": posterior.sigma_w,
         "log_evidence": ev.log_evidence, "gamma": ev.gamma, "converged": ev.converged,
         "skipped": [s[0] for s in report.skipped],
     })

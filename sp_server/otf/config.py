@@ -60,7 +60,10 @@ class TermsConfig:
                                                                    # CHGNet BaTiO3 model 4x/2.4x (see issue 7)
     pure_strain: list = field(default_factory=lambda: [3, 4])
     even_top_order: bool = True   # highest order: only products of even powers (x^6, x^4 y^2), see fit.generate
-    select: int = 96              # coefficients kept by forward selection at every refit (paper: 96)
+    select: int = 96              # at most this many coefficients kept by forward selection at every refit
+                                  # (paper: 96)
+    select_by: str = "evidence"   # "evidence": the count along the selection path where the log evidence is
+                                  # largest (few data, few terms); "count": always ``select`` of them
 
 
 @dataclass
@@ -71,6 +74,8 @@ class InitialConfig:
     mixed: int = 12               # random combinations of low modes and strains
     polar_amplitudes: list = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25])  # A: the soft mode along
                                   # 111, 110, 001 (the R, O, T wells, unit cell) at these largest displacements
+    rattled: int = 24             # randomly displaced supercells (thermal-like local distortions), see
+    rattle_amplitudes: list = field(default_factory=lambda: [0.04, 0.08, 0.12])  # otf.structures; RMS per atom, A
     seed: int = 0
 
 
@@ -214,5 +219,7 @@ class OtfConfig:
         for name in ("steps", "trajectory_stride"):
             if int(getattr(self.md, name)) < 1:
                 raise ConfigError(f"{where}: [md] {name} must be >= 1")
+        if self.terms.select_by not in ("evidence", "count"):
+            raise ConfigError(f"{where}: [terms] select_by must be 'evidence' or 'count', got {self.terms.select_by!r}")
         if int(self.label.workers) < 1:
             raise ConfigError(f"{where}: [label] workers must be >= 1")

@@ -58,7 +58,7 @@ from .config import OtfConfig
 from .label import LabelChecks, owner_name, run_worker
 from .md import MDJob, MDSettings, run_md, trajectory_tail
 from .report import parity_data, rmse, write_report
-from .structures import cubic_perovskite, initial_structures, polar_structure
+from .structures import cubic_perovskite, initial_structures, polar_backgrounds, polar_structure
 
 STAGES = ("setup", "md", "label", "fit", "holdout", "done")
 
@@ -209,7 +209,7 @@ class OnTheFly:
             pool = generate_terms(harmonic.reference, gs, progress=self.progress)
             bounding = bounding_coefficients(harmonic)
             self.log(f"{len(pool)} candidate terms (cutoff {gs.cutoff:.3f} A = {t.cutoff_factor} a0) + "
-                     f"{len(bounding)} bounding terms (held fixed when needed)")
+                     f"{len(bounding)} bounding terms (fitted under the boundedness constraints)")
             pool = pool + bounding
             save_model(Model(harmonic.reference, harmonic.harmonic, AnharmonicPart(pool, np.zeros(len(pool))),
                              name="pool", metadata={"generator": asdict(gs), "n_bounding": len(bounding)}),
@@ -218,14 +218,15 @@ class OnTheFly:
             ini = cfg.initial
             mesh = tuple(cfg.md.supercell)
             frames = initial_structures(harmonic, mesh, ini.amplitudes, ini.modes_per_q * int(np.prod(mesh)),
-                                        ini.strains, ini.mixed, ini.seed, polar_amplitudes=ini.polar_amplitudes)
+                                        ini.strains, ini.mixed, ini.seed, polar_amplitudes=ini.polar_amplitudes,
+                                        rattled=ini.rattled, rattle_amplitudes=ini.rattle_amplitudes)
             # a few of them (every 8th) are kept for validation only
             rows = [(atoms, dict(meta, role="validation" if k % 8 == 7 else "train", temperature=0.0,
                                  iteration=-1, phase="")) for k, (atoms, meta) in enumerate(frames)]
             self.store.add_many(rows, run="initial")
             self.log(f"initial set: {len(rows)} phonon-derived structures (frozen phonons of the "
                      f"{ini.modes_per_q * int(np.prod(mesh))} lowest modes at the commensurate q of {mesh}, the soft "
-                     f"mode along 111/110/001, strains, mixtures) queued for labelling")
+                     f"mode along 111/110/001, strains, mixtures, {ini.rattled} rattled) queued for labelling")
 
     # ------------------------------------------------------------------------------------------------ MD
     def md_stage(self):
@@ -454,12 +455,15 @@ class OnTheFly:
         bounded = None
         if cfg.fit.bound:
             hot = cfg.fit.bound_temperature or max(300.0, 2.0 * max(cfg.loop.temperatures))
-            model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, bounding=bounding, name="otf",
+            model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
+                                               bounding=bounding, name="otf",
                                                version=version, report=report, log=lambda m: self.log(f"  {m}"),
-                                               settings=BoundSettings(md_temperature=float(hot)))
+                                               settings=BoundSettings(md_temperature=float(hot),
+                                                                      backgrounds=polar_backgrounds(harmonic)))
             bounded = bound.bounded
         else:
-            model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, name="otf", report=report,
+            model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
+                                             name="otf", report=report,
                                              version=version, fixed={j: 0.0 for j in bounding})
         model.metadata["otf"] = {"iteration": self._iteration_key(), "n_train": ts.n_structures,
                                  "bounded": bounded}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -84,21 +85,27 @@ def _fig_errors(run: Path, history: list, quantity: str, threshold: float, repor
     return save(fig, report / "fig1_bayesian_error.png")
 
 
-def parity_data(store: Store, model, log=None, **filters) -> dict:
+def parity_data(store: Store, model, log=None, errors: bool = False, **filters) -> dict:
     """Model and oracle values of every labelled frame (or those matching ``filters``, e.g. role="validation"),
-    by role: energy (meV/cell, relative to the reference), forces (eV/A), stress (GPa, Voigt).  A frame the model
-    cannot map is left out (and named to ``log`` when given)."""
+    by role: energy (meV/cell, relative to the reference), forces (eV/A), stress (GPa, Voigt).  With ``errors``
+    (a model with a posterior): per frame also "bayes_force" (largest Bayesian force-component std) and
+    "actual_force" (largest |dF| component), eV/A.  A frame the model cannot map is left out (and named to
+    ``log`` when given)."""
     ev = Evaluator(model)
+    errors = errors and model.posterior is not None
     out = {}
     for row in store.rows(state="labeled", **filters):
         role = row.get("role", "train")
         try:
-            e, f, s, _ = frame_pairs(ev, row.toatoms())
+            e, f, s, res = frame_pairs(ev, row.toatoms(), errors=errors)
         except ValueError as exc:
             if log is not None:
                 log(f"  {role} frame id={row.id}: {exc}")
             continue
-        d = out.setdefault(role, {"energy": [], "forces": [], "stress": [], "temperature": [], "origin": []})
+        d = out.setdefault(role, {"energy": [], "forces": [], "stress": [], "temperature": [], "origin": [],
+                                  "bayes_force": [], "actual_force": []})
+        d["bayes_force"].append(float(res.errors["force_max"]) if errors else np.nan)
+        d["actual_force"].append(float(np.abs(f[:, 1] - f[:, 0]).max()))
         d["origin"].append(str(row.get("origin", "")))
         d["energy"].append(e)
         d["forces"].append(f)
@@ -111,6 +118,8 @@ def parity_data(store: Store, model, log=None, **filters) -> dict:
         d["stress"] = np.array(d["stress"]).reshape(-1, 6, 2)
         d["temperature"] = np.array(d["temperature"])
         d["origin"] = np.array(d["origin"])
+        d["bayes_force"] = np.array(d["bayes_force"])
+        d["actual_force"] = np.array(d["actual_force"])
     return out
 
 
@@ -136,6 +145,49 @@ def frame_pairs(ev: Evaluator, atoms, oracle_reference: float | None = None, err
 def rmse(pairs: np.ndarray) -> float:
     pairs = np.asarray(pairs)
     return float(np.sqrt(np.mean((pairs[..., 1] - pairs[..., 0]) ** 2))) if pairs.size else float("nan")
+
+
+def calibration(bayesian, actual, threshold: Optional[float] = None) -> dict:
+    """Does the Bayesian error say where the model is wrong?  Per frame: ``bayesian`` the predicted largest
+    force-component std and ``actual`` the largest |F_model - F_oracle| component (eV/A).
+
+    spearman: rank correlation of the two (1: the Bayesian error orders the frames exactly as the real one);
+    ratio_median: median of actual / Bayesian (the factor a calibrated threshold divides by);
+    top_quartile_precision: share of the frames in the top quarter of Bayesian error whose actual error is above
+    the median actual error (0.5 for a Bayesian error that knows nothing, 1 for a perfect one);
+    with ``threshold`` (eV/A on the Bayesian error): flagged, and flagged_precision, the same share among them."""
+    from scipy.stats import spearmanr
+    b = np.asarray(bayesian, dtype=float)
+    a = np.asarray(actual, dtype=float)
+    ok = np.isfinite(b) & np.isfinite(a)
+    b, a = b[ok], a[ok]
+    out = {"n": int(len(b))}
+    if len(b) < 4 or np.all(b == b[0]):
+        return out
+    med = float(np.median(a))
+    top = b >= np.quantile(b, 0.75)
+    out.update(spearman=float(spearmanr(b, a).statistic), ratio_median=float(np.median(a / np.maximum(b, 1e-300))),
+               top_quartile_precision=float(np.mean(a[top] > med)))
+    if threshold is not None:
+        flagged = b > threshold
+        out.update(threshold=float(threshold), flagged=int(flagged.sum()),
+                   flagged_precision=float(np.mean(a[flagged] > med)) if flagged.any() else None)
+    return out
+
+
+def calibration_lines(c: dict) -> list:
+    """Markdown lines on how well the Bayesian force error ranks the real one (validate.accuracy.calibration)."""
+    if "spearman" not in c:
+        return ["Bayesian errors: not enough frames (or no posterior) to say how they rank the real errors.", ""]
+    out = [f"Bayesian vs actual largest force error over {c['n']} frames: rank correlation {c['spearman']:.2f}; "
+           f"of the quarter with the largest Bayesian error, {100 * c['top_quartile_precision']:.0f}% have an actual "
+           f"error above the median (50%: no information); actual/Bayesian median ratio "
+           f"{c['ratio_median']:.3g}."]
+    if c.get("threshold") is not None:
+        prec = c.get("flagged_precision")
+        out.append(f"Threshold {c['threshold']:g} eV/A flags {c['flagged']} frame(s)"
+                   + (f", {100 * prec:.0f}% of them above the median actual error." if prec is not None else "."))
+    return out + [""]
 
 
 def plot_parity(data: dict, path, title: str = "model vs oracle (validation frames were never trained on)") -> Path:
@@ -203,7 +255,7 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
     model = load_model(run / "model.h5")
     store = Store(run / "store.db")
     figs = [_fig_errors(run, history, thr.quantity, thr.value, report)]
-    data = parity_data(store, model)
+    data = parity_data(store, model, errors=True)
     figs.append(plot_parity(data, report / "fig2_parity.png"))
     figs.append(_fig_growth(history, report))
     with atomic_path(report / "iterations.csv") as tmp, open(tmp, "w", newline="") as fh:
@@ -224,6 +276,7 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
                "final_max_error": next((r["max_error"] for r in reversed(history) if r.get("max_error") is not None),
                                        None), "threshold": cfg.loop.threshold}
     val = data.get("validation")
+    threshold = thr.value if thr.quantity == "force_max" else None
     if val is not None and len(val["energy"]):
         temps = val["temperature"]
         t_held = held_out_temperature if held_out_temperature is not None else float(temps.max())
@@ -235,9 +288,11 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
             "temperature_K": t_held, "n_frames": int(sel.sum()), "final_set": bool(holdout.any()),
             "energy_mev_per_cell": rmse(val["energy"][sel]),
             "forces_ev_a": rmse(np.concatenate([f for f, s in zip(val["forces_by_frame"], sel) if s])),
-            "stress_gpa": rmse(val["stress"][sel])}
+            "stress_gpa": rmse(val["stress"][sel]),
+            "calibration": calibration(val["bayes_force"][sel], val["actual_force"][sel], threshold)}
         summary["validation_all"] = {"n_frames": int(len(temps)), "energy_mev_per_cell": rmse(val["energy"]),
-                                     "forces_ev_a": rmse(val["forces"]), "stress_gpa": rmse(val["stress"])}
+                                     "forces_ev_a": rmse(val["forces"]), "stress_gpa": rmse(val["stress"]),
+                                     "calibration": calibration(val["bayes_force"], val["actual_force"], threshold)}
     write_json(report / "summary.json", summary)
     lines = ["# On-the-fly run report", "", f"run folder: `{run}`", "",
              f"- final model: `model.h5` version {summary['model_version']}",
@@ -251,6 +306,9 @@ def write_report(run, held_out_temperature: float | None = None) -> Path:
                   f"{h['temperature_K']:g} K MD, labelled by the oracle, "
                   f"never trained on): energy {h['energy_mev_per_cell']:.3f} meV/cell, forces "
                   f"{h['forces_ev_a']:.4f} eV/A, stress {h['stress_gpa']:.4f} GPa", ""]
+    if "validation_all" in summary:
+        lines += ["Does the Bayesian error point at the real errors?  Over every validation frame of the run:"]
+        lines += calibration_lines(summary["validation_all"]["calibration"])
     lines += ["| iteration | T (K) | flagged | labelled | max error | train | val E (meV/cell) | val F (eV/A) | "
               "val S (GPa) |", "|---|---|---|---|---|---|---|---|---|"]
     def fmt(x, f):

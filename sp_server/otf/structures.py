@@ -165,8 +165,20 @@ def phase_structure(model: Model, name: str, amplitude: float = 0.1) -> Atoms:
     return configuration(model, mesh, u)
 
 
+def polar_backgrounds(model: Model, mesh=(2, 2, 2), phases=("R", "O", "T"), amplitudes=(0.1, 0.2)) -> list:
+    """[(name, u (mesh + (nat, 3)) A)] of the polar structures the MDs start from and pass through, for the
+    boundedness probes (sp_server.fit.probes.ProbeSettings.backgrounds)."""
+    ref = model.supercell(mesh).positions
+    out = []
+    for phase in phases:
+        for amp in amplitudes:
+            u = polar_structure(model, mesh, phase, amp).positions - ref
+            out.append((f"{phase} polar {amp:g} A", u.reshape(tuple(mesh) + (model.natoms, 3))))
+    return out
+
+
 def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixed: int, seed: int = 0,
-                       polar_amplitudes=()) -> list:
+                       polar_amplitudes=(), rattled: int = 0, rattle_amplitudes=(0.04, 0.08, 0.12)) -> list:
     """The phonon-derived initial training set: [(Atoms, meta)].
 
     - frozen phonons: the ``modes`` lowest supercell modes (unstable ones first; in practice the soft polar and
@@ -175,7 +187,12 @@ def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixe
     - ``mixed`` random combinations of the low modes (random weights, largest displacement up to the largest
       amplitude) with a random strain up to the largest magnitude, on the supercell;
     - the soft zone-centre mode along 111, 110 and 001 (the R, O and T wells: combinations of the degenerate
-      unstable modes that no single mode reaches) on the unit cell, at each of ``polar_amplitudes`` (A)."""
+      unstable modes that no single mode reaches) on the unit cell, at each of ``polar_amplitudes`` (A);
+    - ``rattled`` supercells with every atom displaced at random (Gaussian, RMS per atom cycling through
+      ``rattle_amplitudes``, A) and a random strain, a quarter each on the cubic, R, O and T polar structure (the
+      largest polar amplitude): the local, uncorrelated distortions of thermal MD, which no collective mode
+      contains.  Without them a fit of collective modes alone had forces of 20-80 eV/A at 0.1 A of random
+      displacement (harmonic part: 3 eV/A) and every hot MD blew up within 12 fs."""
     rng = np.random.default_rng(seed)
     out = []
     w2, patterns = supercell_modes(model, mesh)
@@ -204,4 +221,14 @@ def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixe
         u *= rng.uniform(0.3, 1.0) * amax / np.abs(u).max()
         eta = rng.uniform(-smax, smax, size=6)
         out.append((configuration(model, mesh, u, eta), {"origin": "mixed", "index": k}))
+    pmax = max(polar_amplitudes) if len(polar_amplitudes) else 0.0
+    for k in range(rattled):
+        phase = ("C", "R", "O", "T")[k % 4]
+        amp = float(rattle_amplitudes[(k // 4) % len(rattle_amplitudes)])
+        base = polar_structure(model, mesh, phase, pmax) if phase != "C" and pmax > 0 else model.supercell(mesh)
+        u = base.positions - model.supercell(mesh).positions
+        u = u + rng.normal(0.0, amp / np.sqrt(3.0), u.shape)
+        eta = rng.uniform(-0.5 * smax, 0.5 * smax, size=6)
+        out.append((configuration(model, mesh, u, eta), {"origin": "rattled", "index": k, "phase": phase,
+                                                         "amplitude": amp}))
     return out

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..model.model import Model
-from ..otf.report import frame_pairs, rmse
+from ..otf.report import calibration, frame_pairs, rmse
 from ..potential import Evaluator
 
 
@@ -35,6 +35,7 @@ class Accuracy:
     actual_force_error: list      # per frame: largest |dF| component, eV/A
     energy_offset_mev: float      # oracle energy of the cubic reference relative to the model's, meV/cell
     parity: dict = field(default_factory=dict, repr=False)   # plot data (not in as_dict)
+    calibration: dict = field(default_factory=dict)          # see calibration()
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -102,7 +103,7 @@ def accuracy(model: Model, frames, *, source: str = "", oracle_reference_energy:
     parity = {"validation": {"energy": e, "forces": f, "stress": st}}
     return Accuracy(source, len(energies), skipped, rmse(e), rmse(f), rmse(st),
                     float(np.mean(np.abs(e[:, 1] - e[:, 0]))), float(np.abs(f[:, 1] - f[:, 0]).max()), bayes, actual,
-                    float(offset), parity)
+                    float(offset), parity, calibration(bayes, actual))
 
 
 def sample_frames(model_path, oracle, outdir, *, supercell: int = 2, temperature: float = 300.0, frames: int = 20,

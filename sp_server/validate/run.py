@@ -36,6 +36,7 @@ from ..figures import plt, save
 from ..io.jsonfile import write_json
 from ..model.native import load_model
 from . import ITEMS
+from ..otf.report import calibration_lines
 from .ground_state import cubic_energy, double_well, ground_state, model_calculator
 from .phases import PHASES
 from .transitions import TransitionSettings
@@ -285,8 +286,11 @@ def _item_accuracy(ctx: _Context) -> dict:
     acc = accuracy(ctx.model, frames, source=source, oracle_reference_energy=oref, log=ctx.log)
     plot_parity(acc.parity, ctx.out / "accuracy_parity.png", title=f"held-out set: {source}")
     plot_errors(acc, ctx.out / "accuracy_bayesian.png")
+    c = acc.calibration
     ctx.log(f"held-out accuracy ({acc.frames} frames): energy {acc.rmse_energy_mev:.2f} meV/cell, forces "
-            f"{acc.rmse_forces:.3f} eV/A, stress {acc.rmse_stress_gpa:.3f} GPa (RMSE)")
+            f"{acc.rmse_forces:.3f} eV/A, stress {acc.rmse_stress_gpa:.3f} GPa (RMSE)"
+            + (f"; Bayesian vs actual force error: rank correlation {c['spearman']:.2f}, top-quartile precision "
+               f"{c['top_quartile_precision']:.2f}" if "spearman" in c else ""))
     return acc.as_dict()
 
 
@@ -478,6 +482,7 @@ def _section_accuracy(a: dict) -> list:
              f"Largest force-component error {_fmt(a['max_force_error'], '.3f')} eV/A; energies relative to each "
              f"side's cubic reference (oracle - model offset {_fmt(a['energy_offset_mev'], '.2f')} meV/cell).", "",
              "![parity](accuracy_parity.png) ![bayesian](accuracy_bayesian.png)", ""]
+    lines += calibration_lines(a.get("calibration") or {})
     return lines
 
 

@@ -216,16 +216,12 @@ def test_fixed_coefficients_come_out_of_the_targets_exactly(teacher, base):
         fit_training_set(ts, base, subset=[0, 1], fixed={0: 1.0})
 
 
-def test_bounded_refit_keeps_the_data(teacher, base):
-    """A teacher whose only anharmonic term is a negative quartic is unbounded: fit_bounded holds the bounding terms
-    at growing values while refitting the other coefficient, and the bounded model fits the data better than the
-    same bounding terms added afterwards without a refit (bound_model)."""
-    from sp_server.fit.bound import (
-        BoundSettings,
-        bound_model,
-        bounding_coefficients,
-        fit_bounded,
-    )
+def test_bounded_by_construction_keeps_the_data(teacher, base):
+    """A teacher whose only anharmonic term is a negative quartic is unbounded, and so is the plain fit of its
+    data.  fit_bounded fits the term with the bounding terms and takes the posterior's most probable values under
+    the probe rays' conditions: the result passes the check, its bounding values are non-negative, it keeps the
+    posterior, and it fits the data better than the plain fit made bounded afterwards by bound_model's ladder."""
+    from sp_server.fit.bound import BoundSettings, bound_model, bounding_coefficients, check_bounded, fit_bounded
     from sp_server.fit.fit import fit_training_set
     bad = Model(teacher.reference, teacher.harmonic, AnharmonicPart([teacher.anharmonic.coefficients[0]], [-0.9]),
                 name="unbounded")
@@ -235,16 +231,20 @@ def test_bounded_refit_keeps_the_data(teacher, base):
     for label, a in data:
         ts.add(a, label)
     idx = list(range(1, 1 + len(bounding)))
-    fast = BoundSettings(n_directions=60, md_steps=150)
-    messages = []
-    model, report, check = fit_bounded(ts, base, bounding=idx, settings=fast, log=messages.append)
-    assert "NOT bounded" in messages[0] and check.bounded, messages
-    assert model.metadata["bounding"]["refitted"] and len(model.anharmonic) == 1 + len(bounding)
-    assert np.all(model.anharmonic.values[1:] == model.metadata["bounding"]["value"])
+    fast = BoundSettings(n_directions=60, md_steps=150, md_temperature=600.0)   # the loop: twice its top T
     plain, _ = fit_training_set(ts, base, fixed={j: 0.0 for j in idx})
     assert plain.anharmonic.values[0] == pytest.approx(-0.9, rel=1e-6)
+    assert not check_bounded(plain, fast).bounded
+    messages = []
+    model, report, check = fit_bounded(ts, base, bounding=idx, settings=fast, log=messages.append)
+    assert check.bounded and messages[-1].startswith("constrained fit, round") and "bounded (" in messages[-1], \
+        messages
+    meta = model.metadata["bounding"]
+    assert meta["method"] == "constrained MAP" and meta["active"] >= 1 and meta["mahalanobis_shift"] > 0
+    assert len(model.anharmonic) == 1 + len(bounding) and np.all(model.anharmonic.values[1:] >= -1e-12)
+    assert np.any(model.anharmonic.values[1:] > 0)
+    assert model.posterior is not None and model.posterior.ncoef == len(model.anharmonic)
     added, _ = bound_model(plain, fast, log=lambda m: None)
     value = added.metadata["bounding"]["value"]
-    _, refit_at_same = fit_training_set(ts, base, subset=[0], fixed={j: value for j in idx})
     no_refit = ts.rmse([0] + idx, np.concatenate([[-0.9], np.full(len(idx), value)]))
-    assert refit_at_same.rmse["forces"] < no_refit["forces"]
+    assert report.rmse["forces"] < no_refit["forces"]

@@ -86,3 +86,18 @@ def test_fresh_frames_from_model_md_labelled_by_the_oracle(toy, tmp_path):
     acc = accuracy(toy, again, log=lambda m: None)
     assert acc.rmse_forces < 1e-6 and acc.rmse_stress_gpa < 1e-6     # the oracle is the model itself
     assert len({round(a.get_potential_energy(), 8) for a in again}) == 4   # distinct frames
+
+
+def test_calibration_of_bayesian_errors():
+    """The calibration numbers say what they promise on constructed cases: a Bayesian error proportional to the
+    actual one ranks perfectly, one unrelated to it carries no information, and a threshold counts its flags."""
+    from sp_server.otf.report import calibration
+    rng = np.random.default_rng(0)
+    actual = rng.lognormal(size=400)
+    exact = calibration(0.05 * actual, actual, threshold=0.05 * np.quantile(actual, 0.9))
+    assert exact["spearman"] == pytest.approx(1.0) and exact["top_quartile_precision"] == 1.0
+    assert exact["ratio_median"] == pytest.approx(20.0) and exact["flagged"] == 40
+    assert exact["flagged_precision"] == 1.0
+    blind = calibration(rng.lognormal(size=400), actual)
+    assert abs(blind["spearman"]) < 0.15 and 0.35 < blind["top_quartile_precision"] < 0.65
+    assert calibration([0.1, np.nan], [0.2, 0.3]) == {"n": 1}      # too few frames: no verdict
