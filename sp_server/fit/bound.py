@@ -115,6 +115,10 @@ def check_bounded(model: Model, settings: BoundSettings = BoundSettings()) -> Bo
                         "examples": examples})
 
 
+class _FellThrough(Exception):
+    pass
+
+
 def relaxation_probes(model: Model, settings: BoundSettings) -> list:
     """Let the model fall: a bounded L-BFGS relaxation of displacements (each component within
     ``relax_max_displacement`` A) and strain (within ``relax_max_strain``) on a 2x2x2 supercell from every
@@ -147,13 +151,19 @@ def relaxation_probes(model: Model, settings: BoundSettings) -> list:
             e = float(ev.energy) - e_ref
             if np.isfinite(e):
                 path.append((e, e - float(ev.parts.get("anharmonic", 0.0)), x.copy()))
+            if not np.isfinite(e) or e < 4.0 * floor:
+                raise _FellThrough   # deep enough: the way down is in ``path``, no need to go to the bottom
             return e, np.concatenate([ev.grad_eta, np.asarray(ev.grad_u).ravel()])
 
         x0 = np.concatenate([np.clip(eta0, -settings.relax_max_strain, settings.relax_max_strain), u0.ravel()])
         bounds = ([(-settings.relax_max_strain, settings.relax_max_strain)] * 6
                   + [(-settings.relax_max_displacement, settings.relax_max_displacement)] * u0.size)
         with np.errstate(all="ignore"):
-            minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": settings.relax_steps})
+            try:
+                minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                         options={"maxiter": settings.relax_steps})
+            except _FellThrough:
+                pass
         below = [p for p in path if p[0] < floor]
         if not below:
             continue

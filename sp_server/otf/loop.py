@@ -453,7 +453,18 @@ class OnTheFly:
             del added
         version = self.state["model_version"] + 1
         bounded = None
-        if cfg.fit.bound:
+        current = self.dir / "model.h5"
+        kept = load_model(current) if not rows and self.state["model_version"] > 0 and current.exists() else None
+        if kept is not None and (kept.metadata.get("otf") or {}).get("n_train") == ts.n_structures:
+            # nothing new to fit (the model was fitted on these very statistics; a stop between the statistics and
+            # the model refits): the fit is deterministic, so the model is kept instead of being refitted and
+            # checked again
+            model = kept
+            version = int(model.version)
+            report.rmse = dict(model.metadata.get("fit", {}).get("rmse_train", {}))
+            report.sigma_v = model.posterior.sigma_v if model.posterior is not None else float("nan")
+            self.log(f"  no new labels: model v{version} kept")
+        elif cfg.fit.bound:
             hot = cfg.fit.bound_temperature or max(300.0, 2.0 * max(cfg.loop.temperatures))
             model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
                                                bounding=bounding, name="otf",
@@ -465,11 +476,12 @@ class OnTheFly:
             model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
                                              name="otf", report=report,
                                              version=version, fixed={j: 0.0 for j in bounding})
-        model.metadata["otf"] = {"iteration": self._iteration_key(), "n_train": ts.n_structures,
-                                 "bounded": bounded}
-        model.metadata["ready"] = bool(bounded) if bounded is not None else True
-        save_model(model, self.dir / "models" / f"model_v{version:03d}.h5")
-        save_model(model, self.dir / "model.h5")  # atomic: the server hot-reloads it
+        if version != self.state["model_version"]:
+            model.metadata["otf"] = {"iteration": self._iteration_key(), "n_train": ts.n_structures,
+                                     "bounded": bounded}
+            model.metadata["ready"] = bool(bounded) if bounded is not None else True
+            save_model(model, self.dir / "models" / f"model_v{version:03d}.h5")
+            save_model(model, self.dir / "model.h5")  # atomic: the server hot-reloads it
         val = self.validation_rmse(model)
         extra = {}
         if cfg.loop.threshold_mode == "relative":

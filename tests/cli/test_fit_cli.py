@@ -20,9 +20,12 @@ def test_fit_from_xml_pool_with_selection(tmp_path, toy):
     assert "fitted 5 coefficients on 15 structures" in proc.stdout
     model = load_model(tmp_path / "fit.h5")
     assert model.metadata["ready"] and model.posterior is not None
-    assert len(model.anharmonic) == 5
+    # the 5 selected terms, then the bounding terms the constrained fit always carries (non-negative, zero variance)
     names = {c.name for c in toy.anharmonic.coefficients}
-    assert {c.name for c in model.anharmonic.coefficients} <= names
+    assert {c.name for c in model.anharmonic.coefficients[:5]} <= names
+    assert all(c.name.startswith("bound ") for c in model.anharmonic.coefficients[5:])
+    assert len(model.anharmonic) > 5 and np.all(model.anharmonic.values[5:] >= -1e-12)
+    assert np.all(np.diag(model.posterior.covariance)[5:] == 0.0)
     # bad training file: reported by name, the command still fits on the rest
     frames = [a for _, a in data]
     broken = frames[3].copy()
