@@ -25,7 +25,8 @@ from ..model.posterior import Posterior
 from ..model.symmetry import space_group_operations, symmetrize
 from ..model.terms import AnharmonicPart, DisplacementDiff, StrainFactor, Term
 from ..potential import SupercellPotential
-from .constrained import ConstraintSet, EnergyRows, InfeasibleConstraints, constrained_map, ray_constraints
+from .constrained import (ConstraintSet, EnergyRows, InfeasibleConstraints, MeshPotentials, constrained_map,
+                          ray_constraints)
 from .probes import ProbeSettings, Ray, atom_ray_in, probe_rays
 
 
@@ -69,27 +70,12 @@ class BoundReport:
     details: dict = field(default_factory=dict)
 
 
-class _Energies:
-    """Energy of a model at (mesh, u, eta), one SupercellPotential per mesh."""
-
-    def __init__(self, model: Model):
-        self.model = model
-        self._pots: dict = {}
-
-    def __call__(self, mesh, u, eta) -> float:
-        mesh = tuple(int(n) for n in mesh)
-        pot = self._pots.get(mesh)
-        if pot is None:
-            pot = self._pots[mesh] = SupercellPotential(self.model, mesh)
-        return float(pot.evaluate(u, eta).energy)
-
-
 def check_bounded(model: Model, settings: BoundSettings = BoundSettings()) -> BoundReport:
     """Does the model rise where it must (:mod:`sp_server.fit.probes`: random distortions above the floor and
     rising, lone atoms climbing, strain rising) and does a hot Langevin MD stay near the reference sites?
     details: "failing" (the failing rays, for the constrained fit), "by_kind" (counts), "escape" (the frame and
     site where the hot MD lost an atom, or None), "examples" (a few failures in words)."""
-    energy = _Energies(model)
+    energy = MeshPotentials(model).energy
     rays = probe_rays(model.reference, settings.probes())
     failing, by_kind, examples = [], {}, []
     worst = np.inf

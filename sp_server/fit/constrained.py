@@ -87,9 +87,9 @@ class ConstraintSet:
         self.kinds += [kind] * len(G)
 
     def add_set(self, other: "ConstraintSet"):
-        self.add(other.G, other.h, "") if len(other.h) else None
-        if len(other.h):
-            self.kinds[-len(other.h):] = other.kinds
+        self.G = np.vstack([self.G, other.G])
+        self.h = np.concatenate([self.h, other.h])
+        self.kinds += list(other.kinds)
 
     def nonnegative(self, indices, kind: str = "sign"):
         """w_j >= 0 for each j of ``indices``."""
@@ -102,20 +102,34 @@ class ConstraintSet:
         return self.h - self.G @ w
 
 
-class EnergyRows:
-    """Energy of the model with free coefficients w: E(u, eta) = e0(u, eta) + tau(u, eta) . w (eV)."""
+class MeshPotentials:
+    """One SupercellPotential of ``model`` per supercell mesh, built when first asked for."""
 
-    def __init__(self, base: Model, coefficients: list):
-        self.model = Model(base.reference, base.harmonic, AnharmonicPart(list(coefficients),
-                                                                         np.zeros(len(coefficients))))
+    def __init__(self, model: Model):
+        self.model = model
         self._pots: dict = {}
 
-    def __call__(self, mesh, u, eta) -> tuple[float, np.ndarray]:
+    def potential(self, mesh) -> SupercellPotential:
         mesh = tuple(int(n) for n in mesh)
         pot = self._pots.get(mesh)
         if pot is None:
             pot = self._pots[mesh] = SupercellPotential(self.model, mesh)
-        ev = pot.evaluate(u, eta, design=True)
+        return pot
+
+    def energy(self, mesh, u, eta) -> float:
+        """The model's energy at (mesh, u, eta), eV."""
+        return float(self.potential(mesh).evaluate(u, eta).energy)
+
+
+class EnergyRows(MeshPotentials):
+    """Energy of the model with free coefficients w: E(u, eta) = e0(u, eta) + tau(u, eta) . w (eV)."""
+
+    def __init__(self, base: Model, coefficients: list):
+        super().__init__(Model(base.reference, base.harmonic, AnharmonicPart(list(coefficients),
+                                                                             np.zeros(len(coefficients)))))
+
+    def __call__(self, mesh, u, eta) -> tuple[float, np.ndarray]:
+        ev = self.potential(mesh).evaluate(u, eta, design=True)
         return float(ev.energy), np.asarray(ev.tau, dtype=float)
 
 

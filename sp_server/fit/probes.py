@@ -101,7 +101,7 @@ def _lattice_directions() -> np.ndarray:
     return d / np.linalg.norm(d, axis=1)[:, None]
 
 
-def random_rays(natoms: int, ncell_ref: int, settings: ProbeSettings, rng) -> list:
+def random_rays(natoms: int, settings: ProbeSettings, rng) -> list:
     mesh = tuple(settings.mesh)
     ncell = int(np.prod(mesh))
     amps = np.asarray(settings.amplitudes, dtype=float)
@@ -184,7 +184,7 @@ def background_rays(settings: ProbeSettings, rng) -> list:
 def probe_rays(reference, settings: ProbeSettings) -> list:
     """All rays of the settings for ``reference`` (deterministic for a given seed)."""
     rng = np.random.default_rng(settings.seed)
-    rays = random_rays(reference.natoms, 1, settings, rng)
+    rays = random_rays(reference.natoms, settings, rng)
     rays += atom_rays(list(reference.labels), settings, rng)
     rays += strain_rays(reference.natoms, settings, rng)
     rays += background_rays(settings, rng)

@@ -242,6 +242,17 @@ def test_faulty_oracle_two_workers_killed_three_times_finishes_with_nothing_lost
     assert len(Store(run / "store.db").rows()) == n
 
 
+def _rattled_unit_cells(model, n=6, seed=5):
+    """n unit cells of ``model`` with every atom displaced at random (0.05 A), as pending training frames."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        a = model.supercell((1, 1, 1))
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+        frames.append((a, {"role": "train", "origin": "test"}))
+    return frames
+
+
 def test_label_stage_with_mpi_workers_reads_the_oracle_table(tmp_path):
     """[label] workers = 2: the loop runs `mpiexec -n 2 ... sp-server label` with the [oracle] table of its
     configuration file; every pending frame is labelled once, by the teacher model."""
@@ -252,13 +263,7 @@ def test_label_stage_with_mpi_workers_reads_the_oracle_table(tmp_path):
     path.write_text(text)
     otf = OnTheFly(OtfConfig.load(path), progress=False, log=lambda m: None)
     teacher_model = load_model(tmp_path / "teacher.h5")
-    rng = np.random.default_rng(5)
-    frames = []
-    for _ in range(6):
-        a = teacher_model.supercell((1, 1, 1))
-        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-        frames.append((a, {"role": "train", "origin": "test"}))
-    otf.store.add_many(frames, run="test")
+    otf.store.add_many(_rattled_unit_cells(teacher_model), run="test")
     otf.label_stage()
     rows = otf.store.rows(state="labeled")
     assert len(rows) == 6 and otf.store.counts()["pending"] == 0
@@ -287,13 +292,7 @@ def test_a_labelling_rank_killed_mid_call_loses_nothing(tmp_path):
     path.write_text(text)
     otf = OnTheFly(OtfConfig.load(path), progress=False, log=lambda m: None)
     teacher_model = load_model(tmp_path / "teacher.h5")
-    rng = np.random.default_rng(5)
-    frames = []
-    for _ in range(6):
-        a = teacher_model.supercell((1, 1, 1))
-        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-        frames.append((a, {"role": "train", "origin": "test"}))
-    otf.store.add_many(frames, run="test")
+    otf.store.add_many(_rattled_unit_cells(teacher_model), run="test")
     otf.label_stage()
     rows = otf.store.rows()
     assert len(rows) == 6 and all(r.state == "labeled" for r in rows)
