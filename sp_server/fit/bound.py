@@ -291,7 +291,7 @@ def escape_rays(escape, margin: float = 1e-3) -> list:
 
 def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bounding: list, settings: BoundSettings = BoundSettings(),
                 probes: Optional[ProbeSettings] = None, max_rounds: int = 20, name=None, version=None, report=None,
-                log=print, fitted=None):
+                log=print, fitted=None, cuts: list = (), max_cuts: int = 600):
     """Fit on the training set ``ts`` (a :class:`sp_server.fit.fit.TrainingSet`) whose pool contains the bounding
     coefficients at the pool indices ``bounding`` (see :func:`bounding_coefficients`), bounded by construction.
 
@@ -306,7 +306,10 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
 
     Returns (model, fit report, bound report); the bound report says bounded False only when the rounds ran out or
     the constraints have no solution, and the log says so as a bug to look at (not a normal path).  ``fitted``: the
-    (model, report) of step 1 when the caller has made it already.  Units: eV, Angstrom."""
+    (model, report) of step 1 when the caller has made it already.  ``cuts``: rays that an earlier fit's check found
+    failing (its bound report's ``details["cuts"]``), added to the probes from the start, so that a refit on a few
+    more structures does not find the same holes again round after round; the bound report's ``details["cuts"]``
+    holds them and this fit's own, the newest ``max_cuts`` of them.  Units: eV, Angstrom."""
     from .fit import fit_training_set
     probes = probes or settings.probes(atom_directions=13, seed=settings.seed + 1000)
     off = {int(j): 0.0 for j in bounding}
@@ -328,6 +331,9 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
     rows = EnergyRows(base, free.anharmonic.coefficients)
     cs = ConstraintSet.empty(len(subset))
     for ray in probe_rays(base.reference, probes):
+        cs.add_set(ray_constraints(rows, ray))
+    cuts = list(cuts)[-max_cuts:] if max_cuts > 0 else []
+    for ray in cuts:
         cs.add_set(ray_constraints(rows, ray))
     cs.nonnegative(range(len(chosen), len(subset)), "bounding term sign")
     check = None
@@ -353,14 +359,17 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
             f"{info['moved']:.3g} posterior std (train RMSE E {rm.get('energy', np.nan):.3g} meV/atom "
             f"F {rm.get('forces', np.nan):.3g} eV/A): {_summary(check)}")
         if check.bounded:
+            check.details["cuts"] = cuts[-max_cuts:] if max_cuts > 0 else []
             return model, rep, check
         for ray in check.details["failing"] + escape_rays(check.details["escape"]):
             cs.add_set(ray_constraints(rows, ray))
+            cuts.append(ray)
     else:
         log(f"BUG: still unbounded after {max_rounds} rounds of constraints; the model is marked not ready "
             "(please report it with the training set)")
     if check is None:
         check = check_bounded(free, settings)
+    check.details["cuts"] = cuts[-max_cuts:] if max_cuts > 0 else []
     return model, rep, check
 
 

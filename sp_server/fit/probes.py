@@ -206,3 +206,45 @@ def atom_ray_in(mesh, u_background, eta, atom: int, direction, amplitudes=(0.3, 
     shape = mesh + (-1, 3)
     return Ray("atom in frame", mesh, u.reshape(shape), np.zeros(6), amps, [(k, margin) for k in range(1, len(amps))],
                [], info=info, u0=bg.reshape(shape), eta0=np.asarray(eta, dtype=float))
+
+
+def save_rays(path, rays: list):
+    """Write rays to an .npz file (atomically: a full disk leaves the previous file).  Units: A, strain (Voigt),
+    eV for the conditions' margins and floors.  Read back with :func:`load_rays`."""
+    from ..io.jsonfile import atomic_path
+    data = {"n": np.array(len(rays))}
+    for i, r in enumerate(rays):
+        p = f"{i}."
+        data[p + "kind"] = np.array(r.kind)
+        data[p + "info"] = np.array(r.info)
+        data[p + "mesh"] = np.asarray(r.mesh, dtype=int)
+        data[p + "u"] = np.asarray(r.u, dtype=float)
+        data[p + "eta"] = np.asarray(r.eta, dtype=float)
+        data[p + "amplitudes"] = np.asarray(r.amplitudes, dtype=float)
+        data[p + "growth"] = np.asarray(r.growth, dtype=float).reshape(-1, 2)
+        data[p + "floor"] = np.asarray(r.floor, dtype=float).reshape(-1, 2)
+        if r.u0 is not None:
+            data[p + "u0"] = np.asarray(r.u0, dtype=float)
+        if r.eta0 is not None:
+            data[p + "eta0"] = np.asarray(r.eta0, dtype=float)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **data)
+
+
+def load_rays(path) -> list:
+    """Rays written by :func:`save_rays`; ValueError naming the file when it cannot be read."""
+    try:
+        with np.load(path) as data:
+            out = []
+            for i in range(int(data["n"])):
+                p = f"{i}."
+                get = (lambda k: data[p + k] if p + k in data.files else None)
+                out.append(Ray(str(data[p + "kind"]), tuple(int(n) for n in data[p + "mesh"]), data[p + "u"],
+                               data[p + "eta"], data[p + "amplitudes"],
+                               [(int(k), float(v)) for k, v in data[p + "growth"]],
+                               [(int(k), float(v)) for k, v in data[p + "floor"]], info=str(data[p + "info"]),
+                               u0=get("u0"), eta0=get("eta0")))
+            return out
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a file of probe rays ({exc})") from None

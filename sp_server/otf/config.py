@@ -101,7 +101,10 @@ class MDConfig:
 class LoopConfig:
     temperatures: list = field(default_factory=lambda: [15, 50, 100, 150, 200, 250, 300])  # K
     threshold: str = "force_max=0.1"  # QUANTITY=VALUE: force_max (eV/A), energy_mev_per_cell, stress_max_gpa
-    threshold_mode: str = "absolute"  # absolute | relative (VALUE x the median error over the training set)
+    threshold_mode: str = "absolute"  # calibrated: VALUE is the real error, the Bayesian one is scaled by the
+                                  # median real/Bayesian ratio on the validation frames (refreshed at every fit);
+                                  # absolute: VALUE is the Bayesian error; relative: VALUE x the median Bayesian
+                                  # error over the training set
     max_labels_per_iteration: int = 24  # cap: the flagged frames with the largest errors are labelled
     max_iterations_per_temperature: int = 6
     validation_per_md: int = 1    # frames per MD labelled for validation only (never trained on)
@@ -202,8 +205,9 @@ class OtfConfig:
             ErrorThreshold.parse(self.loop.threshold)
         except ValueError as exc:
             raise ConfigError(f"{where}: [loop] threshold: {exc}") from None
-        if self.loop.threshold_mode not in ("absolute", "relative"):
-            raise ConfigError(f"{where}: [loop] threshold_mode must be 'absolute' or 'relative'")
+        if self.loop.threshold_mode not in ("calibrated", "absolute", "relative"):
+            raise ConfigError(f"{where}: [loop] threshold_mode must be 'calibrated', 'absolute' or 'relative', "
+                              f"got {self.loop.threshold_mode!r}")
         temps = [float(t) for t in self.loop.temperatures]
         if not temps or any(t <= 0 for t in temps) or temps != sorted(temps):
             raise ConfigError(f"{where}: [loop] temperatures must be positive and increasing, got {temps}")

@@ -8,6 +8,7 @@ Everything lives in the run folder, and the store (``store.db``) is the only tru
     harmonic.h5       the harmonic model (reference + harmonic part, from the oracle)
     pool.h5           the candidate anharmonic terms (coefficients zero)
     stats.npz         the training statistics (Phi^T Phi, ...) and the store ids already in them
+    bound_cuts.npz    the probe rays the boundedness checks found failing, kept as constraints for the next fits
     model.h5          the current model (the force server hot-reloads it); models/model_vN.h5 every version
     md/T..._it../     the i-PI runs of one iteration, their traces (Bayesian error of every frame), queue.db
     otf.log           one line per iteration;  report/  the figures (sp_server.otf.report)
@@ -34,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..fit.bound import BoundSettings, bounding_coefficients, fit_bounded
+from ..fit.probes import load_rays, save_rays
 from ..fit.fit import (
     FitReport,
     QuantityScales,
@@ -57,7 +59,7 @@ from ..store import Store
 from .config import OtfConfig
 from .label import LabelChecks, owner_name, run_worker
 from .md import MDJob, MDSettings, run_md, trajectory_tail
-from .report import parity_data, rmse, write_report
+from .report import frame_pairs, parity_data, rmse, write_report
 from .structures import cubic_perovskite, initial_structures, polar_backgrounds, polar_structure
 
 STAGES = ("setup", "md", "label", "fit", "holdout", "done")
@@ -370,8 +372,12 @@ class OnTheFly:
         return max_err, steps
 
     def _current_threshold(self) -> ErrorThreshold:
-        if self.config.loop.threshold_mode == "absolute":
+        mode = self.config.loop.threshold_mode
+        if mode == "absolute":
             return self.threshold
+        if mode == "calibrated":
+            c = float((self.state.get("error_calibration") or {}).get("factor", 1.0))
+            return ErrorThreshold(self.threshold.quantity, self.threshold.value / c)
         rel = float(self.state.get("training_median_error", 0.0))
         return ErrorThreshold(self.threshold.quantity, self.threshold.value * rel)
 
@@ -466,12 +472,21 @@ class OnTheFly:
             self.log(f"  no new labels: model v{version} kept")
         elif cfg.fit.bound:
             hot = cfg.fit.bound_temperature or max(300.0, 2.0 * max(cfg.loop.temperatures))
+            cuts_path = self.dir / "bound_cuts.npz"
+            try:
+                cuts = load_rays(cuts_path) if cuts_path.exists() else []
+            except ValueError as exc:   # a damaged file only costs the rounds that find them again
+                self.log(f"  {exc}; the constrained fit starts from its probes alone")
+                cuts = []
             model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
-                                               bounding=bounding, name="otf",
+                                               bounding=bounding, name="otf", cuts=cuts,
                                                version=version, report=report, log=lambda m: self.log(f"  {m}"),
                                                settings=BoundSettings(md_temperature=float(hot),
                                                                       backgrounds=polar_backgrounds(harmonic)))
             bounded = bound.bounded
+            found = bound.details.get("cuts", [])
+            if len(found) != len(cuts) or any(a is not b for a, b in zip(found, cuts)):
+                save_rays(cuts_path, found)
         else:
             model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
                                              name="otf", report=report,
@@ -486,11 +501,15 @@ class OnTheFly:
         extra = {}
         if cfg.loop.threshold_mode == "relative":
             extra["training_median_error"] = self._training_median_error(model)
+        if cfg.loop.threshold_mode == "calibrated":
+            extra["error_calibration"] = self.error_calibration(model)
         record = dict(self.state.pop("pending_record", None) or {"key": self._iteration_key(), "flagged": None})
         record.update({"model_version": version, "n_train": ts.n_structures, "n_selected": len(model.anharmonic),
                        "rmse_train": report.rmse, "rmse_validation": val, "sigma_v": report.sigma_v,
                        "labels": self.store.counts(role="train")["labeled"], "fit_s": time.monotonic() - t0,
                        "oracle_calls": self.state["oracle_calls"], "md_steps_total": self.state["md_steps"]})
+        if "error_calibration" in extra:
+            record["error_calibration"] = extra["error_calibration"]
         history = self.state["history"] + [record]
         self.log(self._line(record))
         # what next: repeat this temperature while its MD flags frames (even if none of them could be labelled:
@@ -520,7 +539,9 @@ class OnTheFly:
         flagged = "" if r.get("flagged") is None else (
             f"flagged {r['flagged']:3d} (labelled {r['selected']:3d})  max err {self.threshold.quantity} "
             f"{r['max_error']:.3f}  ")
-        return (f"{head}  {flagged}train {r['n_train']:4d}  {v}  model v{r['model_version']}  "
+        cal = r.get("error_calibration")
+        cal = f"  real/Bayesian x{cal['factor']:.3g} (n={cal['n']})" if cal else ""
+        return (f"{head}  {flagged}train {r['n_train']:4d}  {v}{cal}  model v{r['model_version']}  "
                 f"[{r['fit_s']:.1f} s fit]")
 
     def validation_rmse(self, model: Model) -> dict:
@@ -531,6 +552,36 @@ class OnTheFly:
             return {"n": 0}
         return {"n": len(val["energy"]), "energy_mev_per_cell": rmse(val["energy"]), "forces": rmse(val["forces"]),
                 "stress_gpa": rmse(val["stress"])}
+
+    def error_calibration(self, model: Model) -> dict:
+        """How much larger the real error is than the Bayesian one, on the validation frames (never trained on;
+        the final held-out set excluded): factor = median over frames of real / Bayesian for the threshold's
+        quantity (largest force-component error, eV/A; energy, meV per cell; largest stress component, GPa),
+        at least 1 and at most 1e3.  A calibrated threshold divides the Bayesian one by it, so that the MD flags
+        frames whose *real* error is likely above the threshold.  Returns {"factor", "n", "quantity"}."""
+        q = self.threshold.quantity
+        ev = Evaluator(model)
+        ratios = []
+        for r in self.store.rows(state="labeled", role="validation"):
+            if r.get("origin") == "holdout":
+                continue
+            try:
+                e, f, s, res = frame_pairs(ev, r.toatoms(), errors=True)
+            except ValueError:
+                continue
+            if q == "force_max":
+                real = float(np.abs(f[:, 1] - f[:, 0]).max())
+            elif q == "energy_mev_per_cell":
+                real = float(abs(e[1] - e[0]))
+            else:
+                if s is None:
+                    continue
+                real = float(np.abs(s[:, 1] - s[:, 0]).max())
+            bayes = float(res.errors[q])
+            if np.isfinite(real) and np.isfinite(bayes) and bayes > 0:
+                ratios.append(real / bayes)
+        factor = float(np.clip(np.median(ratios), 1.0, 1e3)) if ratios else 1.0
+        return {"factor": factor, "n": len(ratios), "quantity": q}
 
     def _training_median_error(self, model: Model) -> float:
         ev = Evaluator(model)

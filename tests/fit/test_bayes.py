@@ -248,3 +248,38 @@ def test_bounded_by_construction_keeps_the_data(teacher, base):
     value = added.metadata["bounding"]["value"]
     no_refit = ts.rmse([0] + idx, np.concatenate([[-0.9], np.full(len(idx), value)]))
     assert report.rmse["forces"] < no_refit["forces"]
+
+
+def test_refit_starts_from_the_cuts_of_the_last_fit(teacher, base, tmp_path):
+    """The rays a constrained fit's check found failing are its bound report's "cuts"; written and read back
+    (probes.save_rays / load_rays: what the loop keeps in bound_cuts.npz) they are the same rays, and a refit given
+    them starts with them as constraints and needs no more rounds than the first fit."""
+    from sp_server.fit.bound import BoundSettings, bounding_coefficients, fit_bounded
+    from sp_server.fit.probes import load_rays, save_rays
+    bad = Model(teacher.reference, teacher.harmonic, AnharmonicPart([teacher.anharmonic.coefficients[0]], [-0.9]),
+                name="unbounded")
+    bounding = bounding_coefficients(base)
+    ts = TrainingSet(base, [bad.anharmonic.coefficients[0]] + bounding)
+    for label, a in noisy_data(bad, 10, seed=5, noise=0.0):
+        ts.add(a, label)
+    idx = list(range(1, 1 + len(bounding)))
+    fast = BoundSettings(n_directions=60, md_steps=150, md_temperature=600.0)
+    first_log, again_log = [], []
+    _, _, first = fit_bounded(ts, base, bounding=idx, settings=fast, log=first_log.append)
+    cuts = first.details["cuts"]
+    assert first.bounded and len(first_log) > 1 and len(cuts) > 0, first_log   # the check found holes to cut
+    save_rays(tmp_path / "cuts.npz", cuts)
+    back = load_rays(tmp_path / "cuts.npz")
+    assert len(back) == len(cuts)
+    for a, b in zip(cuts, back):
+        assert (a.kind, a.mesh, a.info, a.growth, a.floor) == (b.kind, b.mesh, b.info, b.growth, b.floor)
+        for name in ("u", "eta", "amplitudes", "u0", "eta0"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or np.array_equal(np.asarray(x, float), np.asarray(y, float))
+    _, _, again = fit_bounded(ts, base, bounding=idx, settings=fast, log=again_log.append, cuts=back)
+    n_first = int(first_log[0].split(" constraints")[0].split(": ")[1])
+    n_again = int(again_log[0].split(" constraints")[0].split(": ")[1])
+    assert again.bounded and n_again > n_first and len(again_log) <= len(first_log), again_log
+    with pytest.raises(ValueError, match="cuts.txt"):
+        (tmp_path / "cuts.txt").write_text("not rays")
+        load_rays(tmp_path / "cuts.txt")
