@@ -103,5 +103,18 @@ def toy():
 
 
 @pytest.fixture(scope="session")
+def fitted_toy(toy):
+    """A model fitted to ten noisy frames of the toy perovskite (tests.fit.test_bayes.noisy_data): its posterior
+    gives Bayesian errors; the server, queue and loop tests share it."""
+    from sp_server.fit.fit import fit_model
+    from sp_server.model import AnharmonicPart, Model
+    from tests.fit.test_bayes import noisy_data
+    base = Model(toy.reference, toy.harmonic, AnharmonicPart(), name="toy-harmonic")
+    model, _ = fit_model(noisy_data(toy, 10, seed=11), base, toy.anharmonic.coefficients, progress=False,
+                         log=lambda *a: None)
+    return model
+
+
+@pytest.fixture(scope="session")
 def rand_model():
     return random_model()

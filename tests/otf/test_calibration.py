@@ -5,14 +5,11 @@ import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from sp_server import SecondPrinciplesCalculator
-from sp_server.fit.fit import fit_model
-from sp_server.model import AnharmonicPart, Model
 from sp_server.otf.config import OtfConfig
 from sp_server.otf.loop import OnTheFly
 from sp_server.potential import Evaluator
 from sp_server.model.posterior import ErrorThreshold
 from tests.conftest import displaced
-from tests.fit.test_bayes import noisy_data
 
 CONFIG = """
 run_dir = "run"
@@ -31,12 +28,8 @@ def loop(tmp_path, mode='threshold_mode = "calibrated"'):
 
 
 @pytest.fixture(scope="module")
-def student(toy):
-    """A model fitted to ten noisy frames of the toy perovskite: its posterior gives the Bayesian errors."""
-    base = Model(toy.reference, toy.harmonic, AnharmonicPart(), name="toy-harmonic")
-    model, _ = fit_model(noisy_data(toy, 10, seed=11), base, toy.anharmonic.coefficients, progress=False,
-                         log=lambda *a: None)
-    return model
+def student(fitted_toy):
+    return fitted_toy
 
 
 def labelled(toy, seed, amp):

@@ -273,16 +273,6 @@ def test_frames_that_cannot_be_written_are_reported_and_dumped_at_close(url, tmp
 
 
 # ------------------------------------------------------------------- 3. two servers, two labellers, one queue
-def _fitted_model(toy):
-    from sp_server.fit.fit import fit_model
-    from sp_server.model import AnharmonicPart, Model
-    from tests.fit.test_bayes import noisy_data
-    base = Model(toy.reference, toy.harmonic, AnharmonicPart(), name="toy-harmonic")
-    model, _ = fit_model(noisy_data(toy, 10, seed=11), base, toy.anharmonic.coefficients, progress=False,
-                         log=lambda *a: None)
-    return model
-
-
 def _trajectory(toy, n, seed):
     """n distinct frames whose displacement amplitude goes up and down: every other frame a local maximum of the
     Bayesian error; then one frame with an atom far from its site (untrusted, never labelled)."""
@@ -312,12 +302,12 @@ def _expected_flags(errors, threshold):
 
 
 @pytest.mark.timeout(150)
-def test_two_servers_and_two_labellers_share_one_postgresql_queue(tmp_path, toy, pg_url):
+def test_two_servers_and_two_labellers_share_one_postgresql_queue(tmp_path, toy, fitted_toy, pg_url):
     from sp_server.model import save_model
     from sp_server.store import Store
     from sp_server.store.db import pg_lock
     from tests.server.engine import FakeEngine
-    path = save_model(_fitted_model(toy), tmp_path / "fit.h5")
+    path = save_model(fitted_toy, tmp_path / "fit.h5")
     threshold = 1e-6                      # eV/A: every local maximum of the force error is flagged
     n = 15                                # odd: the last trusted frame (before the untrusted one) is no maximum
     names = [f"spq{uuid.uuid4().hex[:8]}" for _ in range(2)]

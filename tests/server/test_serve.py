@@ -69,14 +69,8 @@ def serve_frames(model_path, name, frames, *serve_args):
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, toy):
-    from sp_server.fit.fit import fit_model
-    from sp_server.model import AnharmonicPart, Model
-    from tests.fit.test_bayes import noisy_data
-    base = Model(toy.reference, toy.harmonic, AnharmonicPart(), name="toy-harmonic")
-    model, _ = fit_model(noisy_data(toy, 10, seed=11), base, toy.anharmonic.coefficients, progress=False,
-                         log=lambda *a: None)
-    return model
+def fitted(fitted_toy):
+    return fitted_toy
 
 
 def trajectory(toy, amplitudes, seed=5):
