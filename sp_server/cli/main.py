@@ -99,7 +99,17 @@ def _generator_settings(args):
     from ..fit.generate import GeneratorSettings
     return GeneratorSettings(cutoff=args.cutoff, orders=tuple(args.orders), max_bodies=args.max_bodies,
                              strain_phonon=not args.no_strain_phonon, strain_powers=tuple(args.strain_powers),
-                             sp_orders=tuple(args.sp_orders), even_top_order=args.even_top_order)
+                             sp_orders=tuple(args.sp_orders), even_top_order=args.even_top_order,
+                             sp_pairs=tuple(_sp_pair(p) for p in args.sp_pairs))
+
+
+def _sp_pair(text: str) -> tuple:
+    """'N:Q' -> (N, Q), positive integers (argparse reports the ValueError as a usage error)."""
+    try:
+        n, q = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--sp-pairs: {text!r} is not N:Q (displacement order:strain power, e.g. 4:1)") from None
+    return n, q
 
 
 def _cmd_fit(args):
@@ -327,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate: strain powers of strain-phonon terms (default 1; 1 2 gives ~8x more terms)")
     f.add_argument("--sp-orders", type=int, nargs="+", default=[1, 2],
                    help="generate: displacement orders of strain-phonon terms (default 1 2)")
+    f.add_argument("--sp-pairs", nargs="+", default=[], metavar="N:Q",
+                   help="generate: more strain-phonon terms u^N eta^Q on top of --sp-orders x --strain-powers, e.g. "
+                        "3:1 4:1 (u^3 eta, u^4 eta: the couplings of strongly strained polar phases)")
     f.add_argument("--energy-scale", type=float, default=1e-3, help="energy unit of the fit, eV/atom (1e-3)")
     f.add_argument("--force-scale", type=float, default=0.05, help="force unit of the fit, eV/A (0.05)")
     f.add_argument("--stress-scale", type=float, default=0.1, help="stress unit of the fit, GPa (0.1)")

@@ -42,6 +42,10 @@ class BoundSettings:
     md_temperature: float = 1200.0  # K
     md_mesh: tuple = (4, 4, 4)
     md_max_displacement: float = 1.2  # A
+    md_cell: bool = True            # the hot MD moves the cell too (Berendsen NPT at zero pressure, anisotropic):
+                                    # a strain runaway (u^4 eta with the wrong sign: the cell stretches, the well
+                                    # deepens, the cell stretches more) is invisible at fixed cell
+    md_max_strain: float = 0.15     # largest strain component of the hot MD's cell inside the trusted range
     seed: int = 0
     backgrounds: tuple = ()         # (name, u0 on a 2x2x2 mesh, A): where the MDs start (see probes.ProbeSettings)
     relax_steps: int = 300          # L-BFGS iterations of each relaxation probe (relaxation_probes)
@@ -179,8 +183,18 @@ def _hot_md(model: Model, settings: BoundSettings):
     atoms.calc = SecondPrinciplesCalculator(model)
     MaxwellBoltzmannDistribution(atoms, temperature_K=settings.md_temperature,
                                  rng=np.random.default_rng(settings.seed))
-    dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=settings.md_temperature, friction=0.02,
-                   fixcm=False, rng=np.random.default_rng(settings.seed + 1))
+    if settings.md_cell:
+        from ase.md.nptberendsen import Inhomogeneous_NPTBerendsen
+        # an exploration device, not NPT statistics: the compressibility of a 10 GPa bulk modulus (10x softer than
+        # the perovskites') and a 100 fs barostat make the cell follow the stress within tens of steps, so that a
+        # strain runaway shows within the 300 steps (a physical 100 GPa barostat moves the cell by 0.1% in that time)
+        dyn = Inhomogeneous_NPTBerendsen(atoms, 1.0 * units.fs, temperature_K=settings.md_temperature,
+                                         pressure_au=0.0, taut=50 * units.fs, taup=100 * units.fs,
+                                         compressibility_au=1.0 / (10.0 * units.GPa))
+    else:
+        dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=settings.md_temperature, friction=0.02,
+                       fixcm=False, rng=np.random.default_rng(settings.seed + 1))
+    cell0 = atoms.cell.array.copy()
     ref = atoms.positions.copy()
     last_ok = (atoms.cell.array.copy(), atoms.positions.copy())
 
@@ -199,14 +213,19 @@ def _hot_md(model: Model, settings: BoundSettings):
             e = atoms.get_potential_energy()
         except (ValueError, FloatingPointError) as exc:
             return False, f"hot MD failed at step {step}: {exc}", escape_of(*last_ok)
-        disp = atoms.positions - ref
+        # displacements from the sites scaled with the cell; strain of the cell from the reference supercell's
+        deform = np.linalg.solve(cell0, atoms.cell.array)
+        disp = atoms.positions - ref @ deform
         disp -= disp.mean(axis=0)
         dmax = float(np.sqrt((disp ** 2).sum(axis=1)).max())
-        if not np.isfinite(e) or dmax > settings.md_max_displacement:
+        smax = float(np.abs(0.5 * (deform @ deform.T) - 0.5 * np.eye(3)).max())
+        if not np.isfinite(e) or dmax > settings.md_max_displacement or smax > settings.md_max_strain:
             return False, (f"hot MD ({settings.md_temperature:.0f} K, {settings.md_mesh}) left the trusted range at "
-                           f"step {step}: energy {e:.3g} eV, max displacement {dmax:.2f} A"), escape_of(*last_ok)
+                           f"step {step}: energy {e:.3g} eV, max displacement {dmax:.2f} A, max strain "
+                           f"{smax:.3f}"), escape_of(*last_ok)
         last_ok = (atoms.cell.array.copy(), atoms.positions.copy())
-    return True, f"hot MD ({settings.md_temperature:.0f} K, {settings.md_steps} steps) stayed bounded", None
+    return True, (f"hot MD ({settings.md_temperature:.0f} K, {settings.md_steps} steps"
+                  f"{', NPT' if settings.md_cell else ''}) stayed bounded"), None
 
 
 def bounding_coefficients(model: Model, cutoff: float = 3.0) -> list:

@@ -11,7 +11,8 @@ Which monomials
   around one atom, like MULTIBINIT's terms "around atom i" (``fit_iatom``).  Single-bond terms belong to both ends of
   the bond and are generated once.
 * Pure displacement terms have total power in ``orders``; strain-phonon terms are a displacement monomial of total
-  power in ``sp_orders`` times a strain monomial (any product of eta_1..eta_6) of total power in ``strain_powers``;
+  power in ``sp_orders`` times a strain monomial (any product of eta_1..eta_6) of total power in ``strain_powers``
+  (plus the (displacement order, strain power) pairs of ``sp_pairs``);
   pure strain terms are strain monomials of total power in ``pure_strain``.  ``even_only`` keeps even displacement
   orders only (pure displacement and strain-phonon terms); ``even_top_order`` keeps, at the highest pure
   displacement order, only products of even powers (the only ones a positive coefficient makes bounded).
@@ -65,6 +66,9 @@ class GeneratorSettings:
     strain_powers: tuple = (1, 2)   # total strain power q of strain-phonon terms
     sp_orders: tuple = (1, 2, 3, 4)  # displacement orders of strain-phonon terms (odd ones often vanish by symmetry)
     pure_strain: tuple = (3, 4)     # orders of pure strain terms (eta monomials)
+    sp_pairs: tuple = ()            # more strain-phonon terms: (displacement order n, strain power q) pairs on top of
+                                    # sp_orders x strain_powers, e.g. ((3, 1), (4, 1)) for u^3 eta and u^4 eta without
+                                    # the many u^3 eta^2, u^4 eta^2 terms
     even_only: bool = False         # keep only even displacement orders
     even_top_order: bool = False    # at the highest pure-displacement order keep only products of even powers
                                     # (x^6, x^4 y^2, x^2 y^2 z^2): an odd-power product there (x^5 y, x^3 y^3)
@@ -79,6 +83,10 @@ class GeneratorSettings:
             values = tuple(getattr(self, name))
             if any(int(v) != v or v < 1 for v in values):
                 raise ValueError(f"generator: {name} must be positive integers, got {values}")
+        for pair in self.sp_pairs:
+            if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
+                raise ValueError(f"generator: sp_pairs must be (displacement order, strain power) pairs of positive "
+                                 f"integers, got {tuple(self.sp_pairs)}")
 
 
 # --------------------------------------------------------------------------------------------------- canonical forms
@@ -393,10 +401,13 @@ def generate_terms(reference, settings: GeneratorSettings | None = None, *, ops=
     max_bodies = int(settings.max_bodies)
     even = bool(settings.even_only)
     orders = sorted({int(n) for n in settings.orders if not (even and n % 2)})
-    sp_orders = sorted({int(n) for n in settings.sp_orders if not (even and n % 2)}) if settings.strain_phonon else []
-    strain_powers = sorted({int(q) for q in settings.strain_powers}) if settings.strain_phonon else []
-    if not strain_powers:
-        sp_orders = []
+    sp_pairs: set = set()      # (displacement order, strain power) of the strain-phonon terms
+    if settings.strain_phonon:
+        sp_pairs = {(int(n), int(q)) for n in settings.sp_orders for q in settings.strain_powers}
+        sp_pairs |= {(int(n), int(q)) for n, q in settings.sp_pairs}
+        sp_pairs = {(n, q) for n, q in sp_pairs if not (even and n % 2)}
+    sp_orders = sorted({n for n, _ in sp_pairs})
+    strain_powers = sorted({q for _, q in sp_pairs})
     builder = _Builder(labels)
     out = []  # (disp order, strain order, nbodies, index, coefficient)
 
@@ -431,6 +442,8 @@ def generate_terms(reference, settings: GeneratorSettings | None = None, *, ops=
         for orb in orbits_by_order[n]:
             stab = [(g, rho) for g, (kg, rho) in enumerate(orb.images) if kg == orb.key]
             for q in strain_powers:
+                if (n, q) not in sp_pairs:
+                    continue
                 done = set()
                 for s in strain_monos[q]:
                     if s in done:

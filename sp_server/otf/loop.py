@@ -207,6 +207,7 @@ class OnTheFly:
             gs = GeneratorSettings(cutoff=t.cutoff_factor * a0, orders=tuple(t.orders), max_bodies=t.max_bodies,
                                    strain_phonon=t.strain_phonon, strain_powers=tuple(t.strain_powers),
                                    sp_orders=tuple(t.sp_orders), pure_strain=tuple(t.pure_strain),
+                                   sp_pairs=tuple(tuple(p) for p in t.sp_pairs),
                                    even_top_order=bool(t.even_top_order))
             pool = generate_terms(harmonic.reference, gs, progress=self.progress)
             bounding = bounding_coefficients(harmonic)

@@ -60,6 +60,20 @@ def test_harmonic_then_fit_with_generated_terms(tmp_path):
     assert "symmetry-adapted candidate coefficients" in proc.stdout
     assert "fitted 20 coefficients on 25 structures" in proc.stdout
     assert load_model(tmp_path / "fit.h5").metadata["ready"]
+    # --sp-pairs: u^3 eta on top of the default strain-phonon terms (more candidates); a malformed pair is a usage
+    # error
+    import re
+    counts = []
+    for extra in ([], ["--sp-pairs", "3:1"]):
+        proc = run_cli("fit", tmp_path / "train.extxyz", "--harmonic", tmp_path / "harm.h5", "--terms", "generate",
+                       "--cutoff", "2.8", "--orders", "3", "--select", "10", "--no-bound", *extra,
+                       "-o", tmp_path / "fit_sp.h5", "--no-progress")
+        assert proc.returncode == 3, proc.stdout + proc.stderr     # written, not marked ready without the check
+        counts.append(int(re.search(r"generated (\d+) symmetry-adapted", proc.stdout).group(1)))
+    assert counts[1] > counts[0], counts
+    proc = run_cli("fit", tmp_path / "train.extxyz", "--harmonic", tmp_path / "harm.h5", "--terms", "generate",
+                   "--sp-pairs", "4", "-o", tmp_path / "x.h5", "--no-progress")
+    assert proc.returncode == 2 and "--sp-pairs: '4' is not N:Q" in proc.stderr, proc.stderr
     proc = run_cli("harmonic", tmp_path / "Cu3Au.vasp", "--oracle", "nosuch", "-o", tmp_path / "x.h5")
     assert proc.returncode == 2 and "unknown oracle 'nosuch'" in proc.stderr
 

@@ -75,6 +75,24 @@ def test_incremental_statistics_equal_batch(teacher, base):
     assert np.allclose(ts1.combined().A, ts2.combined().A) and not np.allclose(st.A, ts2.combined().A)
 
 
+def test_statistics_accumulated_in_place_equal_phi_transpose_phi():
+    """The in-place (upper triangle, syrk) accumulation gives the full symmetric Phi^T Phi, also across reads
+    between additions and for sizes around the block of the symmetrisation."""
+    rng = np.random.default_rng(3)
+    for ncoef in (1, 5, 513, 700):
+        st, phis = SufficientStats(ncoef), []
+        for rows in (40, 1, 6, 120):
+            phi = rng.normal(size=(rows, ncoef))
+            st.add(phi, rng.normal(size=rows))
+            phis.append(phi)
+            full = np.concatenate(phis)
+            assert np.allclose(st.A, full.T @ full, rtol=1e-12, atol=1e-9)
+        assert np.array_equal(st.A, st.A.T)
+        again = SufficientStats.from_dict(st.as_dict())
+        again.add(phis[0], np.zeros(len(phis[0])))
+        assert np.allclose(again.A, st.A + phis[0].T @ phis[0])
+
+
 def test_evidence_on_a_plain_linear_problem():
     """sigma_v and the weights of y = X w + noise from the evidence iterations (no physics involved)."""
     rng = np.random.default_rng(0)

@@ -200,6 +200,20 @@ def test_even_only_and_max_bodies(ref, ops, pool):
     assert max(len({d.key() for d in c.terms[0].displacements}) for c in pool) == 2
 
 
+def test_sp_pairs_add_exactly_those_strain_phonon_orders(ref, ops):
+    """sp_pairs adds u^3 eta and u^4 eta to the u^n eta^q product without u^3 eta^2, u^4 eta^2: the same coefficients
+    as those categories of the full product, nothing else."""
+    base = dict(cutoff=2.89, orders=(3, 4), pure_strain=(3,), strain_powers=(1, 2), sp_orders=(2,))
+    pairs = generate_terms(ref, GeneratorSettings(**base, sp_pairs=((3, 1), (4, 1))), ops=ops)
+    full = generate_terms(ref, GeneratorSettings(**{**base, "sp_orders": (2, 3, 4)}), ops=ops)
+    cat = lambda c: (c.displacement_order, c.strain_order)  # noqa: E731
+    got = {cat(c) for c in pairs if c.strain_order and c.displacement_order}
+    assert got == {(2, 1), (2, 2), (3, 1), (4, 1)}
+    assert {keyset(c) for c in pairs} == {keyset(c) for c in full if cat(c) not in ((3, 2), (4, 2))}
+    with pytest.raises(ValueError, match="sp_pairs"):
+        generate_terms(ref, GeneratorSettings(**base, sp_pairs=((3,),)))
+
+
 def test_invalid_settings(ref):
     with pytest.raises(ValueError, match="max_bodies"):
         generate_terms(ref, GeneratorSettings(max_bodies=0))

@@ -21,11 +21,14 @@ def test_defaults_and_relative_paths(tmp_path):
     assert cfg.md.timestep_fs == 2.0 and isinstance(cfg.md.timestep_fs, float)   # an int is a float here
     assert cfg.loop.temperatures == [15, 50, 100, 150, 200, 250, 300]               # the paper's ramp
     assert cfg.md.steps == 1000 and cfg.md.phases == ["R", "O", "T"] and cfg.terms.select == 96
+    assert cfg.terms.sp_pairs == [] and cfg.fit.energy_scale == 1e-3
 
 
 @pytest.mark.parametrize("text, message", [
     ("[loop]\ntemprature = [10]\n", r"unknown key 'temprature' in \[loop\]"),
     ("[mdd]\nsteps = 3\n", r"unknown section \[mdd\]"),
+    ("[terms]\nsp_pairs = [[3, 1], [4]]\n", r"\[terms\] sp_pairs must be \[displacement order, strain power\]"),
+    ("[terms]\nsp_pairs = [3, 1]\n", r"\[terms\] sp_pairs must be"),
     ("[md]\nsteps = \"many\"\n", r"\[md\] steps must be int, got 'many'"),
     ("[md]\nphases = \"R\"\n", r"\[md\] phases must be list"),
     ("[loop]\ntemperatures = [300, 15]\n", "positive and increasing"),

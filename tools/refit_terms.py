@@ -1,0 +1,105 @@
+"""Refit an on-the-fly run's training structures with another candidate pool and energy weight, and report the
+held-out and validation errors: the check behind docs/otf.md's table of strain-phonon couplings (issue 15).
+
+    python tools/refit_terms.py RUN_DIR [--sp-orders 1 2] [--strain-powers 1 2] [--sp-pairs 3:1 4:1]
+                                [--pure-strain 3 4] [--energy-scales 1e-3 3e-4] [--select 150] [--leave-out 4:1 ...]
+
+RUN_DIR is the run folder of `sp-server otf` (harmonic.h5, store.db).  The design rows of its labelled training
+structures are built once for the generated pool (a minute or two for 5000 candidates); every energy scale
+(eV/atom) and every --leave-out category (displacement order:strain order, held at zero) is then a refit of
+seconds.  Fits are unconstrained (no bounding terms): this measures what the basis can represent, not the loop's
+bounded model.  Errors: energy meV per 5-atom cell, forces eV/A, stress GPa (RMSE), on the run's held-out frames
+(origin "holdout") and its other validation frames.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sp_server.fit.fit import QuantityScales, TrainingSet, fit_training_set
+from sp_server.fit.generate import GeneratorSettings, generate_terms
+from sp_server.model.native import load_model
+from sp_server.otf.config import OtfConfig
+from sp_server.otf.report import frame_pairs, rmse
+from sp_server.potential import Evaluator
+from sp_server.store.store import Store
+
+
+def pair(text):
+    n, q = (int(x) for x in text.split(":"))
+    return n, q
+
+
+def errors(model, frames):
+    e, f, s = [], [], []
+    ev = Evaluator(model)
+    for atoms in frames:
+        pe, pf, ps, _ = frame_pairs(ev, atoms)
+        e.append(pe), f.append(pf), s.append(ps)
+    return rmse(np.array(e)), rmse(np.concatenate(f)), rmse(np.array(s))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--orders", type=int, nargs="+", default=[3, 4, 5, 6])
+    p.add_argument("--sp-orders", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--strain-powers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sp-pairs", type=pair, nargs="*", default=[(3, 1), (4, 1)], metavar="N:Q")
+    p.add_argument("--pure-strain", type=int, nargs="+", default=[3, 4])
+    p.add_argument("--energy-scales", type=float, nargs="+", default=[1e-3, 3e-4], help="eV/atom")
+    p.add_argument("--select", type=int, default=150)
+    p.add_argument("--leave-out", type=pair, nargs="*", default=[], metavar="N:Q",
+                   help="also refit with each of these (displacement order:strain order) categories held at zero")
+    args = p.parse_args(argv)
+
+    run = args.run_dir
+    cfg = OtfConfig.load(run / "config.toml")
+    harm = load_model(run / "harmonic.h5")
+    a0 = float(np.cbrt(harm.reference.volume))
+    gs = GeneratorSettings(cutoff=cfg.terms.cutoff_factor * a0, orders=tuple(args.orders),
+                           max_bodies=cfg.terms.max_bodies, sp_orders=tuple(args.sp_orders),
+                           strain_powers=tuple(args.strain_powers), sp_pairs=tuple(args.sp_pairs),
+                           pure_strain=tuple(args.pure_strain), even_top_order=cfg.terms.even_top_order)
+    pool = generate_terms(harm.reference, gs)
+    print(f"{len(pool)} candidates: " + ", ".join(f"u^{n} eta^{q} {c}" for (n, q), c in
+                                                  sorted(collections.Counter((c.displacement_order, c.strain_order)
+                                                                             for c in pool).items())))
+    ts = TrainingSet(harm, pool, QuantityScales(1e-3, cfg.fit.force_scale, cfg.fit.stress_scale))
+    store = Store(run / "store.db")
+    t0 = time.monotonic()
+    for row in store.rows(state="labeled", role="train"):
+        ts.add(row.toatoms(), f"{run}/store.db id {row.id}")
+    print(f"design rows of {ts.n_structures} training structures: {time.monotonic() - t0:.0f} s")
+    validation = [r for r in store.rows(state="labeled", role="validation")]
+    held = [r.toatoms() for r in validation if r.get("origin") == "holdout"]
+    val = [r.toatoms() for r in validation if r.get("origin") != "holdout"]
+    energy = copy.deepcopy(ts.stats["energy"])
+    category = [(c.displacement_order, c.strain_order) for c in pool]
+    print(f"{'energy_scale':>12s} {'left out':>10s} {'terms':>5s}   train E/F/S            held-out E/F/S "
+          f"({len(held)})      validation E/F/S ({len(val)})")
+    for scale in args.energy_scales:
+        k = (1e-3 / scale) ** 2       # the statistics were whitened with 1 meV/atom
+        st = copy.deepcopy(energy)
+        st.A *= k
+        st.b *= k
+        st.yy *= k
+        ts.stats["energy"] = st
+        for out in [None] + list(args.leave_out):
+            fixed = {j: 0.0 for j, c in enumerate(category) if c == out}
+            model, rep = fit_training_set(ts, harm, select=args.select, fixed=fixed)
+            tr = rep.rmse
+            line = (f"{scale:12.1e} {'-' if out is None else f'{out[0]}:{out[1]}':>10s} {len(rep.selected):5d}   "
+                    f"{tr['energy'] * 5 / np.sqrt(k):5.2f} {tr['forces']:.3f} {tr['stress']:.3f}")
+            for frames in (held, val):
+                line += "   " + ("%5.2f %.3f %.3f" % errors(model, frames) if frames else " none")
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
