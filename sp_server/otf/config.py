@@ -128,6 +128,8 @@ class FitConfig:
     bound: bool = True            # check boundedness after each refit, add bounding terms when needed
     bound_temperature: float = 0.0  # K, hot-MD check of boundedness (0: twice the highest loop temperature,
                                     # at least 300 K)
+    bound_md_cell: bool = False   # the hot MD of the check moves the cell (catches strain runaways; with sp_pairs
+                                  # u^4 eta; see docs/fitting.md)
 
 
 @dataclass

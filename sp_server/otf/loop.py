@@ -483,7 +483,8 @@ class OnTheFly:
                                                bounding=bounding, name="otf", cuts=cuts,
                                                version=version, report=report, log=lambda m: self.log(f"  {m}"),
                                                settings=BoundSettings(md_temperature=float(hot),
-                                                                      backgrounds=polar_backgrounds(harmonic)))
+                                                                      backgrounds=polar_backgrounds(harmonic),
+                                                                      md_cell=bool(cfg.fit.bound_md_cell)))
             bounded = bound.bounded
             found = bound.details.get("cuts", [])
             if len(found) != len(cuts) or any(a is not b for a, b in zip(found, cuts)):

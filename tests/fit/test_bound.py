@@ -38,7 +38,7 @@ def test_hot_md_moves_the_cell_and_catches_a_strain_runaway(toy):
     bad = Model(toy.reference, toy.harmonic,
                 AnharmonicPart(list(toy.anharmonic.coefficients) + [coef],
                                list(toy.anharmonic.values) + [-10000.0 * c]), name="strain runaway")
-    settings = BoundSettings(md_steps=300, md_temperature=600.0, md_mesh=(2, 2, 2))
+    settings = BoundSettings(md_steps=300, md_temperature=600.0, md_mesh=(2, 2, 2), md_cell=True)
     ok, msg, _ = _hot_md(bad, BoundSettings(**{**settings.__dict__, "md_cell": False}))
     assert ok, msg
     ok, msg, escape = _hot_md(bad, settings)
