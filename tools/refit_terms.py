@@ -16,32 +16,25 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from sp_server.fit.fit import QuantityScales, TrainingSet, fit_training_set
-from sp_server.fit.generate import GeneratorSettings, generate_terms
+from sp_server.fit.generate import generate_terms, parse_sp_pair as pair
 from sp_server.model.native import load_model
 from sp_server.otf.config import OtfConfig
-from sp_server.otf.report import frame_pairs, rmse
-from sp_server.potential import Evaluator
 from sp_server.store.store import Store
+from sp_server.validate.accuracy import accuracy
 
 
-def pair(text):
-    n, q = (int(x) for x in text.split(":"))
-    return n, q
-
-
-def errors(model, frames):
-    e, f, s = [], [], []
-    ev = Evaluator(model)
-    for atoms in frames:
-        pe, pf, ps, _ = frame_pairs(ev, atoms)
-        e.append(pe), f.append(pf), s.append(ps)
-    return rmse(np.array(e)), rmse(np.concatenate(f)), rmse(np.array(s))
+def errors(model, frames) -> str:
+    if not frames:
+        return " none"
+    acc = accuracy(model, frames, log=lambda m: print(f"  {m}"))
+    return f"{acc.rmse_energy_mev:5.2f} {acc.rmse_forces:.3f} {acc.rmse_stress_gpa:.3f}"
 
 
 def main(argv=None):
@@ -62,10 +55,9 @@ def main(argv=None):
     cfg = OtfConfig.load(run / "config.toml")
     harm = load_model(run / "harmonic.h5")
     a0 = float(np.cbrt(harm.reference.volume))
-    gs = GeneratorSettings(cutoff=cfg.terms.cutoff_factor * a0, orders=tuple(args.orders),
-                           max_bodies=cfg.terms.max_bodies, sp_orders=tuple(args.sp_orders),
-                           strain_powers=tuple(args.strain_powers), sp_pairs=tuple(args.sp_pairs),
-                           pure_strain=tuple(args.pure_strain), even_top_order=cfg.terms.even_top_order)
+    gs = dataclasses.replace(cfg.terms.generator_settings(a0), orders=tuple(args.orders),
+                             sp_orders=tuple(args.sp_orders), strain_powers=tuple(args.strain_powers),
+                             sp_pairs=tuple(args.sp_pairs), pure_strain=tuple(args.pure_strain))
     pool = generate_terms(harm.reference, gs)
     print(f"{len(pool)} candidates: " + ", ".join(f"u^{n} eta^{q} {c}" for (n, q), c in
                                                   sorted(collections.Counter((c.displacement_order, c.strain_order)
@@ -97,7 +89,7 @@ def main(argv=None):
             line = (f"{scale:12.1e} {'-' if out is None else f'{out[0]}:{out[1]}':>10s} {len(rep.selected):5d}   "
                     f"{tr['energy'] * 5 / np.sqrt(k):5.2f} {tr['forces']:.3f} {tr['stress']:.3f}")
             for frames in (held, val):
-                line += "   " + ("%5.2f %.3f %.3f" % errors(model, frames) if frames else " none")
+                line += "   " + errors(model, frames)
             print(line, flush=True)
 
 

@@ -104,12 +104,11 @@ def _generator_settings(args):
 
 
 def _sp_pair(text: str) -> tuple:
-    """'N:Q' -> (N, Q), positive integers (argparse reports the ValueError as a usage error)."""
+    from ..fit.generate import parse_sp_pair
     try:
-        n, q = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ValueError(f"--sp-pairs: {text!r} is not N:Q (displacement order:strain power, e.g. 4:1)") from None
-    return n, q
+        return parse_sp_pair(text)
+    except ValueError as exc:
+        raise ValueError(f"--sp-pairs: {exc}") from None
 
 
 def _cmd_fit(args):

@@ -60,7 +60,7 @@ class SufficientStats:
 
     @A.setter
     def A(self, value):
-        self._A = np.asfortranarray(value, dtype=float)
+        self._A = np.asarray(value, dtype=float)   # any order: syrk makes its Fortran copy once, at the next add
         self._upper_only = False
 
     @property

@@ -48,7 +48,7 @@ import numpy as np
 from ..model.symmetry import space_group_operations
 from ..model.terms import Coefficient, DisplacementDiff, StrainFactor, Term, term_text
 
-__all__ = ["GeneratorSettings", "count_by_order", "generate_terms", "print_counts"]
+__all__ = ["GeneratorSettings", "count_by_order", "generate_terms", "parse_sp_pair", "print_counts"]
 
 _ZERO = (0, 0, 0)
 _PAIR = {1: (0, 0), 2: (1, 1), 3: (2, 2), 4: (1, 2), 5: (0, 2), 6: (0, 1)}
@@ -87,6 +87,15 @@ class GeneratorSettings:
             if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
                 raise ValueError(f"generator: sp_pairs must be (displacement order, strain power) pairs of positive "
                                  f"integers, got {tuple(self.sp_pairs)}")
+
+
+def parse_sp_pair(text: str) -> tuple:
+    """'N:Q' (displacement order:strain power, the command-line form of an ``sp_pairs`` entry) -> (N, Q)."""
+    try:
+        n, q = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not N:Q (displacement order:strain power, e.g. 4:1)") from None
+    return n, q
 
 
 # --------------------------------------------------------------------------------------------------- canonical forms
@@ -407,7 +416,6 @@ def generate_terms(reference, settings: GeneratorSettings | None = None, *, ops=
         sp_pairs |= {(int(n), int(q)) for n, q in settings.sp_pairs}
         sp_pairs = {(n, q) for n, q in sp_pairs if not (even and n % 2)}
     sp_orders = sorted({n for n, _ in sp_pairs})
-    strain_powers = sorted({q for _, q in sp_pairs})
     builder = _Builder(labels)
     out = []  # (disp order, strain order, nbodies, index, coefficient)
 
@@ -437,13 +445,11 @@ def generate_terms(reference, settings: GeneratorSettings | None = None, *, ops=
         say(f"pure displacement order {n}: {len(out)} coefficients so far")
 
     # strain-phonon terms: displacement orbit x orbits of strain monomials under the stabiliser of the displacement
-    strain_monos = {q: _strain_monomials(q) for q in strain_powers}
+    strain_monos = {q: _strain_monomials(q) for q in {q for _, q in sp_pairs}}
     for n in sp_orders:
         for orb in orbits_by_order[n]:
             stab = [(g, rho) for g, (kg, rho) in enumerate(orb.images) if kg == orb.key]
-            for q in strain_powers:
-                if (n, q) not in sp_pairs:
-                    continue
+            for q in sorted(q for m, q in sp_pairs if m == n):
                 done = set()
                 for s in strain_monos[q]:
                     if s in done:

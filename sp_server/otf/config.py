@@ -69,6 +69,15 @@ class TermsConfig:
     select_by: str = "evidence"   # "evidence": the count along the selection path where the log evidence is
                                   # largest (few data, few terms); "count": always ``select`` of them
 
+    def generator_settings(self, a0: float):
+        """The term generator's settings for a reference of cubic-equivalent lattice constant ``a0`` (A)."""
+        from ..fit.generate import GeneratorSettings
+        return GeneratorSettings(cutoff=self.cutoff_factor * a0, orders=tuple(self.orders),
+                                 max_bodies=self.max_bodies, strain_phonon=self.strain_phonon,
+                                 strain_powers=tuple(self.strain_powers), sp_orders=tuple(self.sp_orders),
+                                 pure_strain=tuple(self.pure_strain), sp_pairs=tuple(tuple(p) for p in self.sp_pairs),
+                                 even_top_order=bool(self.even_top_order))
+
 
 @dataclass
 class InitialConfig:

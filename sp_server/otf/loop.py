@@ -44,7 +44,7 @@ from ..fit.fit import (
     fingerprint,
     fit_training_set,
 )
-from ..fit.generate import GeneratorSettings, generate_terms
+from ..fit.generate import generate_terms
 from ..fit.harmonic import HarmonicSettings, harmonic_from_oracle, read_phonopy_born
 from ..io.jsonfile import write_bytes, write_json
 from ..model.model import Model
@@ -204,11 +204,7 @@ class OnTheFly:
         pool_path = self.dir / "pool.h5"
         if not pool_path.exists():
             t = cfg.terms
-            gs = GeneratorSettings(cutoff=t.cutoff_factor * a0, orders=tuple(t.orders), max_bodies=t.max_bodies,
-                                   strain_phonon=t.strain_phonon, strain_powers=tuple(t.strain_powers),
-                                   sp_orders=tuple(t.sp_orders), pure_strain=tuple(t.pure_strain),
-                                   sp_pairs=tuple(tuple(p) for p in t.sp_pairs),
-                                   even_top_order=bool(t.even_top_order))
+            gs = t.generator_settings(a0)
             pool = generate_terms(harmonic.reference, gs, progress=self.progress)
             bounding = bounding_coefficients(harmonic)
             self.log(f"{len(pool)} candidate terms (cutoff {gs.cutoff:.3f} A = {t.cutoff_factor} a0) + "
