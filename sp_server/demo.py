@@ -51,11 +51,24 @@ name = "chgnet"
 structure = "BaTiO3"
 a = 4.0
 
+[terms]
+sp_pairs = [[3, 1], [4, 1]]     # u^3 eta, u^4 eta: the couplings behind the polar phases' 2-5% strain
+select = 150
+
+[initial]
+polar_strains = [-0.01, 0.02, 0.04, 0.07]  # polar cells on the strain wall (the oracle's c/a valley ends at 1.07)
+chain_amplitudes = [0.1, 0.2]   # A: the polar-chain patterns of the seven metastable phases
+
+[fit]
+energy_scale = 3e-4             # eV/atom: one energy row of a 40-atom frame weighs against its 120 force rows
+bound_relax_strain = 0.12       # the boundedness check relaxes up to 12% strain, where strain runaways go
+
 [loop]
-temperatures = [15, 100, 200, 300]
-threshold = "force_max=0.1"
-max_labels_per_iteration = 24
-max_iterations_per_temperature = 6
+temperatures = [15, 150, 300]
+threshold = "force_max=0.3"     # eV/A of real error: the Bayesian one times its measured real/Bayesian ratio
+threshold_mode = "calibrated"
+max_labels_per_iteration = 40
+max_iterations_per_temperature = 1
 validation_per_md = 1
 holdout_frames = 20
 

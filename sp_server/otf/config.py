@@ -87,6 +87,13 @@ class InitialConfig:
     mixed: int = 12               # random combinations of low modes and strains
     polar_amplitudes: list = field(default_factory=lambda: [0.05, 0.1, 0.15, 0.2, 0.25])  # A: the soft mode along
                                   # 111, 110, 001 (the R, O, T wells, unit cell) at these largest displacements
+    polar_strains: list = field(default_factory=list)  # e.g. [-0.01, 0.02, 0.04, 0.07]: the polar cells strained
+                                  # along their symmetry, uniaxially along the polar axis (s d d^T) and in volume
+                                  # (s/3 on each axis), s from this list
+    polar_strain_amplitudes: list = field(default_factory=lambda: [0.1, 0.2])  # A, of those polar cells
+    chain_amplitudes: list = field(default_factory=list)  # A, e.g. [0.1, 0.15, 0.2]: the polar-chain patterns of
+                                  # the metastable phases (soft modes at X, M, Gamma: P4/nmm, Pmma, ..., R3m) on
+                                  # their smallest supercells at these largest displacements
     rattled: int = 24             # randomly displaced supercells (thermal-like local distortions), see
     rattle_amplitudes: list = field(default_factory=lambda: [0.04, 0.08, 0.12])  # otf.structures; RMS per atom, A
     seed: int = 0
@@ -137,6 +144,9 @@ class FitConfig:
     bound: bool = True            # check boundedness after each refit, add bounding terms when needed
     bound_temperature: float = 0.0  # K, hot-MD check of boundedness (0: twice the highest loop temperature,
                                     # at least 300 K)
+    bound_relax_strain: float = 0.05  # largest strain component of the check's relaxations (and of the floor
+                                  # constraints they add); 0.12 catches the uniaxial runaways that NPT MDs of u^4 eta
+                                  # fits find at 8-12% strain (docs/fitting.md)
     bound_md_cell: bool = False   # the hot MD of the check moves the cell (catches strain runaways; with sp_pairs
                                   # u^4 eta; see docs/fitting.md)
 

@@ -218,14 +218,19 @@ class OnTheFly:
             mesh = tuple(cfg.md.supercell)
             frames = initial_structures(harmonic, mesh, ini.amplitudes, ini.modes_per_q * int(np.prod(mesh)),
                                         ini.strains, ini.mixed, ini.seed, polar_amplitudes=ini.polar_amplitudes,
-                                        rattled=ini.rattled, rattle_amplitudes=ini.rattle_amplitudes)
+                                        rattled=ini.rattled, rattle_amplitudes=ini.rattle_amplitudes,
+                                        polar_strains=ini.polar_strains,
+                                        polar_strain_amplitudes=ini.polar_strain_amplitudes,
+                                        chain_amplitudes=ini.chain_amplitudes)
             # a few of them (every 8th) are kept for validation only
             rows = [(atoms, dict(meta, role="validation" if k % 8 == 7 else "train", temperature=0.0,
                                  iteration=-1, phase="")) for k, (atoms, meta) in enumerate(frames)]
             self.store.add_many(rows, run="initial")
             self.log(f"initial set: {len(rows)} phonon-derived structures (frozen phonons of the "
                      f"{ini.modes_per_q * int(np.prod(mesh))} lowest modes at the commensurate q of {mesh}, the soft "
-                     f"mode along 111/110/001, strains, mixtures, {ini.rattled} rattled) queued for labelling")
+                     f"mode along 111/110/001, strains, mixtures, {ini.rattled} rattled"
+                     f"{', polar cells strained' if ini.polar_strains else ''}"
+                     f"{', polar-chain phases' if ini.chain_amplitudes else ''}) queued for labelling")
 
     # ------------------------------------------------------------------------------------------------ MD
     def md_stage(self):
@@ -448,12 +453,11 @@ class OnTheFly:
         report = FitReport()
         if rows:
             structures = [(f"store id={r.id}", r.toatoms()) for r in rows]
-            added = add_structures(ts, structures, report, progress=self.progress, log=lambda m: self.log(f"  {m}"))
+            add_structures(ts, structures, report, progress=self.progress, log=lambda m: self.log(f"  {m}"))
             for label, reason in report.skipped:  # an unusable frame is taken out for good, with its reason
                 self.store.exclude(int(label.split("=")[1]), f"not usable for the fit: {reason}")
             ids |= {r.id for r in rows}
             ts.save(stats_path, ids=np.array(sorted(ids), dtype=int))
-            del added
         version = self.state["model_version"] + 1
         bounded = None
         current = self.dir / "model.h5"
@@ -475,12 +479,13 @@ class OnTheFly:
             except ValueError as exc:   # a damaged file only costs the rounds that find them again
                 self.log(f"  {exc}; the constrained fit starts from its probes alone")
                 cuts = []
+            settings = BoundSettings(md_temperature=float(hot), backgrounds=polar_backgrounds(harmonic),
+                                     md_cell=bool(cfg.fit.bound_md_cell),
+                                     relax_max_strain=float(cfg.fit.bound_relax_strain))
             model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
                                                bounding=bounding, name="otf", cuts=cuts,
                                                version=version, report=report, log=lambda m: self.log(f"  {m}"),
-                                               settings=BoundSettings(md_temperature=float(hot),
-                                                                      backgrounds=polar_backgrounds(harmonic),
-                                                                      md_cell=bool(cfg.fit.bound_md_cell)))
+                                               settings=settings)
             bounded = bound.bounded
             found = bound.details.get("cuts", [])
             if len(found) != len(cuts) or any(a is not b for a, b in zip(found, cuts)):

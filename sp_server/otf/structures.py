@@ -177,8 +177,23 @@ def polar_backgrounds(model: Model, mesh=(2, 2, 2), phases=("R", "O", "T"), ampl
     return out
 
 
+def polar_strain(direction, s: float, kind: str) -> np.ndarray:
+    """Voigt strain (engineering shear) that keeps the symmetry of a polar phase along ``direction``: "uniaxial"
+    s d d^T (the tetragonal c/a, the rhombohedral shear), "volume" s/3 times the identity; both change the volume by
+    the same fraction s (to first order)."""
+    d = np.asarray(direction, dtype=float)
+    d = d / np.linalg.norm(d)
+    if kind == "volume":
+        return s / 3.0 * np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    if kind != "uniaxial":
+        raise ValueError(f"polar_strain: kind must be 'uniaxial' or 'volume', got {kind!r}")
+    m = s * np.outer(d, d)
+    return np.array([m[0, 0], m[1, 1], m[2, 2], 2 * m[1, 2], 2 * m[0, 2], 2 * m[0, 1]])
+
+
 def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixed: int, seed: int = 0,
-                       polar_amplitudes=(), rattled: int = 0, rattle_amplitudes=(0.04, 0.08, 0.12)) -> list:
+                       polar_amplitudes=(), rattled: int = 0, rattle_amplitudes=(0.04, 0.08, 0.12),
+                       polar_strains=(), polar_strain_amplitudes=(), chain_amplitudes=()) -> list:
     """The phonon-derived initial training set: [(Atoms, meta)].
 
     - frozen phonons: the ``modes`` lowest supercell modes (unstable ones first; in practice the soft polar and
@@ -188,6 +203,15 @@ def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixe
       amplitude) with a random strain up to the largest magnitude, on the supercell;
     - the soft zone-centre mode along 111, 110 and 001 (the R, O and T wells: combinations of the degenerate
       unstable modes that no single mode reaches) on the unit cell, at each of ``polar_amplitudes`` (A);
+    - the same polar cells at each of ``polar_strain_amplitudes`` (A), strained along their own symmetry
+      (:func:`polar_strain`, uniaxial along the polar axis and volume) by each of ``polar_strains``: the
+      spontaneous strain of the polar phases, which only the strain-polar couplings (u^2 eta, u^4 eta) carry.
+      Without them the u^4 eta couplings are fixed by MD frames at < 1% strain, and an NPT MD from the T well
+      stretched its cell to c/a 1.1 and fell by 1.5 eV per cell;
+    - the polar-chain patterns of :data:`PHASES` (the soft modes at X, M and Gamma of the paper's Table 2: antipolar
+      chains, their combinations, and the uniform polar phases) on their smallest supercells, at each of
+      ``chain_amplitudes`` (largest displacement, A).  A 2x2x2 MD from the polar wells hardly visits these
+      patterns, and a model trained without them put P4/nmm 28 meV/cell too low;
     - ``rattled`` supercells with every atom displaced at random (Gaussian, RMS per atom cycling through
       ``rattle_amplitudes``, A) and a random strain, a quarter each on the cubic, R, O and T polar structure (the
       largest polar amplitude): the local, uncorrelated distortions of thermal MD, which no collective mode
@@ -213,6 +237,19 @@ def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixe
         for amp in polar_amplitudes:
             out.append((polar_structure(model, (1, 1, 1), phase, amp), {"origin": "polar", "phase": phase,
                                                                          "amplitude": float(amp)}))
+    for phase in ("R", "O", "T"):
+        for amp in polar_strain_amplitudes:
+            u = polar_structure(model, (1, 1, 1), phase, amp).positions - model.supercell((1, 1, 1)).positions
+            for kind in ("uniaxial", "volume"):
+                for s in polar_strains:
+                    eta = polar_strain(PHASE_DIRECTIONS[phase], s, kind)
+                    out.append((configuration(model, (1, 1, 1), u, eta),
+                                {"origin": "polar strain", "phase": phase, "amplitude": float(amp), "kind": kind,
+                                 "strain": float(s)}))
+    for name in PHASES:
+        for amp in chain_amplitudes:
+            out.append((phase_structure(model, name, amp), {"origin": "chain", "phase": name,
+                                                            "amplitude": float(amp)}))
     amax = max(amplitudes) if len(amplitudes) else 0.1
     smax = max(strains) if len(strains) else 0.01
     for k in range(mixed):

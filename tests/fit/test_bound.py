@@ -47,3 +47,31 @@ def test_hot_md_moves_the_cell_and_catches_a_strain_runaway(toy):
     # the toy model itself stays inside the trusted range with the cell moving
     ok, msg, _ = _hot_md(toy, settings)
     assert ok and "NPT" in msg, msg
+
+
+
+def test_relaxations_reach_the_strain_of_a_runaway_beyond_the_box(toy):
+    """A strain hole with no barrier (eta^2 of the toy minus k (eta_1^3 + eta_2^3 + eta_3^3); along eta_1 -0.08 eV
+    per cell at 5%, -2.3 eV at 12%): relaxations inside +-5% end above the floor (-0.25 eV per cell) and see nothing;
+    with ``relax_max_strain`` 0.12 they fall below it and return floor rays at the strains where they did (the
+    uniaxial runaways of the loop's NPT MDs, c/a 1.12 at 15 K)."""
+    from sp_server.fit.bound import relaxation_probes
+    from sp_server.fit.constrained import MeshPotentials
+    from sp_server.model.symmetry import space_group_operations, symmetrize
+    from sp_server.model.terms import StrainFactor, Term
+    zero = np.zeros((1, 1, 1, toy.natoms, 3))
+
+    def per_cell(model, s):
+        energy = MeshPotentials(model).energy
+        return energy((1, 1, 1), zero, np.array([s, 0, 0, 0, 0, 0.0])) - energy((1, 1, 1), zero, np.zeros(6))
+
+    coef = symmetrize(Term(1.0, (), (StrainFactor(1, 3),)), space_group_operations(toy.reference), name="eta^3")
+    k = 30 * per_cell(toy, 0.01) / 1e-4          # the barrier at 2 a2 / 3 k ~ 2% strain: kicks of 3% pass it
+    bad = Model(toy.reference, toy.harmonic,
+                AnharmonicPart(list(toy.anharmonic.coefficients) + [coef],
+                               list(toy.anharmonic.values) + [-k / coef.terms[0].weight]), name="strain hole")
+    assert -0.25 < per_cell(bad, 0.05) < 0 and per_cell(bad, 0.12) < -2
+    assert relaxation_probes(bad, BoundSettings()) == []
+    rays = relaxation_probes(bad, BoundSettings(relax_max_strain=0.12))
+    assert rays and all(r.kind == "relaxed" and np.abs(r.eta).max() > 0.05 for r in rays)
+    assert relaxation_probes(toy, BoundSettings(relax_max_strain=0.12)) == []

@@ -75,3 +75,44 @@ def test_polar_structures_point_along_their_axis(model, phase, direction):
     atoms.calc = SecondPrinciplesCalculator(model)
     ref.calc = SecondPrinciplesCalculator(model)
     assert atoms.get_potential_energy() < ref.get_potential_energy()
+
+
+def test_polar_strained_cells_keep_their_phase_symmetry(model):
+    """The polar cells strained along their own axis: for T a tetragonal c/a (eta_zz only), for R equal shears and
+    equal normal strains (the rhombohedral cell), and the volume strain; displacements those of the polar cell."""
+    frames = initial_structures(model, (2, 2, 2), [0.05], modes=1, strains=[], mixed=0, polar_amplitudes=[],
+                                polar_strains=[-0.01, 0.03], polar_strain_amplitudes=[0.1])
+    strained = [(a, m) for a, m in frames if m["origin"] == "polar strain"]
+    assert len(strained) == 3 * 1 * 2 * 2
+    ref = model.supercell((1, 1, 1))
+    for atoms, meta in strained:
+        F = np.linalg.solve(ref.cell.array, atoms.cell.array).T             # cell = ref (1 + eps)^T
+        eps = F - np.eye(3)
+        assert np.allclose(eps, eps.T, atol=1e-12)
+        s = meta["strain"]
+        if meta["kind"] == "volume":
+            assert np.allclose(eps, s / 3 * np.eye(3), atol=1e-12)
+        elif meta["phase"] == "T":
+            assert np.allclose(eps, np.diag([0, 0, s]), atol=1e-12)
+        elif meta["phase"] == "R":
+            assert np.allclose(eps, s / 3 * np.ones((3, 3)), atol=1e-12)
+        else:                                                               # O: along 110
+            assert np.allclose(eps, s / 2 * np.array([[1, 1, 0], [1, 1, 0], [0, 0, 0]]), atol=1e-12)
+        # unstrained back, the displacements are the polar cell's
+        u = atoms.positions @ np.linalg.inv(F).T - ref.positions
+        polar = polar_structure(model, (1, 1, 1), meta["phase"], 0.1).positions - ref.positions
+        assert np.allclose(u, polar, atol=1e-12)
+
+
+def test_chain_patterns_of_the_metastable_phases_join_the_initial_set(model):
+    from sp_server.otf.structures import PHASES, phase_structure
+    frames = initial_structures(model, (2, 2, 2), [0.05], modes=1, strains=[], mixed=0,
+                                chain_amplitudes=[0.1, 0.2])
+    chains = [(a, m) for a, m in frames if m["origin"] == "chain"]
+    assert sorted({m["phase"] for _, m in chains}) == sorted(PHASES) and len(chains) == 2 * len(PHASES)
+    for atoms, meta in chains:
+        want = phase_structure(model, meta["phase"], meta["amplitude"])
+        assert len(atoms) == len(want) and np.allclose(atoms.positions, want.positions)
+        ref = model.supercell(PHASES[meta["phase"]][0])
+        if len(PHASES[meta["phase"]][1]) == 1:    # one wave vector: the largest displacement is the amplitude
+            assert np.linalg.norm(atoms.positions - ref.positions, axis=1).max() == pytest.approx(meta["amplitude"])
