@@ -205,13 +205,14 @@ def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixe
       unstable modes that no single mode reaches) on the unit cell, at each of ``polar_amplitudes`` (A);
     - the same polar cells at each of ``polar_strain_amplitudes`` (A), strained along their own symmetry
       (:func:`polar_strain`, uniaxial along the polar axis and volume) by each of ``polar_strains``: the
-      spontaneous strain of the polar phases, which only the strain-polar couplings (u^2 eta, u^4 eta) carry.
-      Without them the u^4 eta couplings are fixed by MD frames at < 1% strain, and an NPT MD from the T well
-      stretched its cell to c/a 1.1 and fell by 1.5 eV per cell;
+      spontaneous strain of the polar phases, which only the strain-polar couplings (u^2 eta, u^4 eta) carry,
+      and the wall where the oracle's flat valley along the polar axis ends (CHGNet: c/a 1.07).  Without frames
+      beyond it, u^4 eta fits let 2x2x2 NPT MDs at 15-100 K run along the valley to c/a 1.2 and fall by 1-1.5 eV
+      per cell where the oracle climbs;
     - the polar-chain patterns of :data:`PHASES` (the soft modes at X, M and Gamma of the paper's Table 2: antipolar
       chains, their combinations, and the uniform polar phases) on their smallest supercells, at each of
       ``chain_amplitudes`` (largest displacement, A).  A 2x2x2 MD from the polar wells hardly visits these
-      patterns, and a model trained without them put P4/nmm 28 meV/cell too low;
+      patterns; the shipped model, trained without them, puts P4/nmm 28 meV/cell too low;
     - ``rattled`` supercells with every atom displaced at random (Gaussian, RMS per atom cycling through
       ``rattle_amplitudes``, A) and a random strain, a quarter each on the cubic, R, O and T polar structure (the
       largest polar amplitude): the local, uncorrelated distortions of thermal MD, which no collective mode
