@@ -367,6 +367,9 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
     for rnd in range(1, max_rounds + 1):
         try:
             w, info = constrained_map(mean, cov, cs, scale=free.posterior.feature_scale)
+            # non-negative exactly: the QP meets the sign rows to its relative precision, which leaves values of
+            # -1e-10 next to an eta^6 value of 1e5
+            w[len(chosen):] = np.maximum(w[len(chosen):], 0.0)
         except InfeasibleConstraints as exc:
             log(f"BUG: the boundedness constraints have no solution ({exc}); the model is marked not ready "
                 "(please report it with the training set)")
