@@ -234,8 +234,8 @@ def bounding_coefficients(model: Model, cutoff: float = 3.0) -> list:
     """Orbits of (u_a - u_b)_x^8 over every pair within ``cutoff`` (A) and of eta_1^4, eta_4^4, eta_1^6, eta_4^6.
 
     The strain walls: the oracles' polar phases sit in a strain landscape that is flat up to 7-8% uniaxial strain
-    (CHGNet: within 0.01 eV per cell from c/a 1.0 to 1.07 along the T axis) and climbs steeply beyond (+0.1 eV at
-    14%, +0.6 at 14% with a,b shrinking).  A fit to the flat part has nothing that rises there, and 2x2x2 NPT MDs
+    (CHGNet: within 0.01 eV per cell from c/a 1.0 to 1.07 along the T axis) and climbs steeply beyond (+0.11 eV per
+    cell at c/a 1.17, +0.59 at c/a 1.21).  A fit to the flat part has nothing that rises there, and 2x2x2 NPT MDs
     at 100 K ran away along it to c/a 1.2.  eta^6 is 3^6 = 729 times larger at 12% than at 4%: a wall there costs
     the fit to the data almost nothing."""
     ref = model.reference
