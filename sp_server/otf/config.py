@@ -59,8 +59,9 @@ class TermsConfig:
     sp_orders: list = field(default_factory=lambda: [1, 2])        # n of sp_orders (u eta, u^2 eta, u^2 eta^2)
     sp_pairs: list = field(default_factory=list)  # and these [n, q] pairs, e.g. [[3, 1], [4, 1]] for u^3 eta and
                                   # u^4 eta: the couplings that carry the strain of the polar phases (held-out stress
-                                  # 0.44 -> 0.14 GPa, forces 0.10 -> 0.06 eV/A on a demo's data, docs/otf.md); not
-                                  # the default yet: the loop's NPT MDs find strain runaways with them (issue 15)
+                                  # 0.44 -> 0.14 GPa, forces 0.10 -> 0.06 eV/A on a demo's data, docs/otf.md); the
+                                  # demo uses them with [initial] polar_strains and [fit] bound_relax_strain, without
+                                  # which the loop's NPT MDs ran away along the strain (not the default yet)
     pure_strain: list = field(default_factory=lambda: [3, 4])
     even_top_order: bool = True   # highest order: only products of even powers (x^6, x^4 y^2), see fit.generate
     select: int = 96              # at most this many coefficients kept by forward selection at every refit

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from ase import Atoms
 
-from ..model.mapping import matrix_from_voigt
+from ..model.mapping import matrix_from_voigt, voigt_from_matrix
 from ..model.model import Model
 from ..potential import SupercellPotential
 
@@ -183,12 +183,9 @@ def polar_strain(direction, s: float, kind: str) -> np.ndarray:
     the same fraction s (to first order)."""
     d = np.asarray(direction, dtype=float)
     d = d / np.linalg.norm(d)
-    if kind == "volume":
-        return s / 3.0 * np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
-    if kind != "uniaxial":
+    if kind not in ("uniaxial", "volume"):
         raise ValueError(f"polar_strain: kind must be 'uniaxial' or 'volume', got {kind!r}")
-    m = s * np.outer(d, d)
-    return np.array([m[0, 0], m[1, 1], m[2, 2], 2 * m[1, 2], 2 * m[0, 2], 2 * m[0, 1]])
+    return voigt_from_matrix(s * np.outer(d, d) if kind == "uniaxial" else s / 3.0 * np.eye(3))
 
 
 def initial_structures(model: Model, mesh, amplitudes, modes: int, strains, mixed: int, seed: int = 0,
