@@ -240,7 +240,9 @@ def _cmd_validate(args):
     if args.phases:
         over["phases"] = tuple(args.phases)
     if args.holdout:
-        over["holdout"], over["holdout_select"] = args.holdout, args.holdout_select
+        over["holdout"], over["holdout_select"] = tuple(args.holdout), args.holdout_select
+    if args.holdout_md is not None:
+        over["holdout_supercells"] = tuple(args.holdout_md)
     md = {k: v for k, v in (("supercell", args.md_supercell), ("steps", args.md_steps),
                             ("temperatures", tuple(args.temperatures) if args.temperatures else None),
                             ("pressure_gpa", args.pressure)) if v is not None}
@@ -409,11 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "25 K, 100 held-out frames; default: quick settings (minutes on 2 cores)")
     v.add_argument("--phases", nargs="+", choices=["R", "O", "T"],
                    help="phases relaxed for ground_state and phonons (default R; --full: R O T)")
-    v.add_argument("--holdout", metavar="FILE",
-                   help="labelled held-out frames for accuracy (extxyz, ase.db, ...); default: fresh MD frames "
-                        "labelled by the oracle")
+    v.add_argument("--holdout", metavar="FILE", action="append",
+                   help="labelled held-out frames for accuracy (extxyz, ase.db, ...), one set per file; repeatable. "
+                        "Default: fresh 300 K MD frames on 2^3 and 4^3 cells labelled by the oracle")
     v.add_argument("--holdout-select", metavar="SELECTION",
                    help="ase.db selection of the held-out frames, e.g. origin=holdout (an on-the-fly run's store.db)")
+    v.add_argument("--holdout-md", type=int, nargs="*", metavar="N",
+                   help="fresh held-out sets: 300 K NPT MD of the model on these N^3 cells, frames labelled by the "
+                        "oracle (default: 2 4 without --holdout, none with it; --holdout-md alone: none)")
     v.add_argument("--md-supercell", type=int, metavar="N", help="transitions: N x N x N supercell (default 12)")
     v.add_argument("--temperatures", type=float, nargs="+", metavar="K",
                    help="transitions: temperatures in heating order, K (default 50 100 ... 400)")

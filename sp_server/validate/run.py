@@ -58,11 +58,22 @@ class ValidationSettings:
     transport_temperatures: tuple = DEFAULT_TEMPERATURES
     transitions: TransitionSettings = field(default_factory=TransitionSettings)
     double_well_points: int = 29
-    holdout: Optional[str] = None              # a labelled file (extxyz, ase.db, ...) as the held-out set
-    holdout_select: Optional[str] = None       # ase.db selection, e.g. "origin=holdout"
-    holdout_frames: int = 20                   # fresh held-out frames (when no file is given)
-    holdout_temperature: float = 300.0
-    holdout_supercell: int = 2
+    holdout: tuple = ()                        # labelled files (extxyz, ase.db, ...), one held-out set each
+    holdout_select: Optional[str] = None       # ase.db selection, e.g. "origin=holdout" (for every .db file)
+    holdout_frames: int = 20                   # frames of each fresh held-out set
+    holdout_temperature: float = 300.0         # K, of the fresh held-out MDs
+    holdout_supercells: Optional[tuple] = None  # N of the fresh N^3 held-out MDs; None: (2, 4) without files,
+                                               # none beside files
+
+    def __post_init__(self):
+        if isinstance(self.holdout, (str, Path)):
+            self.holdout = (str(self.holdout),)
+        self.holdout = tuple(str(h) for h in self.holdout)
+
+    def fresh_holdout_supercells(self) -> tuple:
+        if self.holdout_supercells is not None:
+            return tuple(int(n) for n in self.holdout_supercells)
+        return () if self.holdout else (2, 4)
 
     @classmethod
     def full(cls, **overrides) -> "ValidationSettings":
@@ -266,32 +277,55 @@ def _item_double_well(ctx: _Context) -> dict:
 
 
 def _item_accuracy(ctx: _Context) -> dict:
+    """One held-out set per file of ``holdout`` and per fresh MD cell of ``fresh_holdout_supercells()``; each with
+    its RMSEs, parity and Bayesian-vs-actual figures (``accuracy_parity_K.png``, ``accuracy_bayesian_K.png``, K =
+    1, 2, ...).  A set that cannot be read or labelled is reported and the others go on."""
     from ..otf.report import plot_parity
     from .accuracy import accuracy, plot_errors, read_frames, sample_frames
     s = ctx.settings
     oracles = [n for n in ctx.calcs if n != "model"]
-    oref = None      # a file: energies compared as given (both relative to the model's reference energy)
-    if s.holdout:
-        frames = read_frames(s.holdout, s.holdout_select)
-        source = f"{s.holdout}" + (f" ({s.holdout_select})" if s.holdout_select else "")
-    elif oracles:
-        frames = sample_frames(ctx.model_path, ctx.calcs[oracles[0]], ctx.out / "holdout",
-                               supercell=s.holdout_supercell, temperature=s.holdout_temperature,
-                               frames=s.holdout_frames, log=ctx.log, progress=ctx.progress)
-        source = (f"{len(frames)} frames of a fresh {s.holdout_temperature:g} K NPT MD of the model "
-                  f"({s.holdout_supercell}^3), labelled by {oracles[0]}")
-        oref = cubic_energy(ctx.model, ctx.calcs[oracles[0]])   # energies relative to the oracle's own cubic
-    else:
-        raise ValueError("accuracy needs a held-out set: --holdout FILE, or an --oracle to label fresh MD frames")
-    acc = accuracy(ctx.model, frames, source=source, oracle_reference_energy=oref, log=ctx.log)
-    plot_parity(acc.parity, ctx.out / "accuracy_parity.png", title=f"held-out set: {source}")
-    plot_errors(acc, ctx.out / "accuracy_bayesian.png")
-    c = acc.calibration
-    ctx.log(f"held-out accuracy ({acc.frames} frames): energy {acc.rmse_energy_mev:.2f} meV/cell, forces "
-            f"{acc.rmse_forces:.3f} eV/A, stress {acc.rmse_stress_gpa:.3f} GPa (RMSE)"
-            + (f"; Bayesian vs actual force error: rank correlation {c['spearman']:.2f}, top-quartile precision "
-               f"{c['top_quartile_precision']:.2f}" if "spearman" in c else ""))
-    return acc.as_dict()
+    fresh = s.fresh_holdout_supercells()
+    if fresh and not oracles:
+        if not s.holdout:
+            raise ValueError("accuracy needs a held-out set: --holdout FILE, or an --oracle to label fresh MD frames")
+        raise ValueError(f"fresh held-out MDs on {fresh} need an --oracle to label them")
+    jobs = [("file", h) for h in s.holdout] + [("md", n) for n in fresh]
+    if not jobs:
+        raise ValueError("accuracy needs a held-out set: no --holdout file and no fresh MD cell (--holdout-md N)")
+    sets, failed = [], {}
+    for k, (kind, what) in enumerate(jobs, start=1):
+        try:
+            oref = None   # a file: energies compared as given (both relative to the model's reference energy)
+            if kind == "file":
+                select = s.holdout_select if str(what).endswith(".db") else None
+                frames = read_frames(what, select)
+                name = Path(what).name + (f" ({select})" if select else "")
+                source = f"{what}" + (f" ({select})" if select else "")
+            else:
+                frames = sample_frames(ctx.model_path, ctx.calcs[oracles[0]], ctx.out / f"holdout_{what}",
+                                       supercell=what, temperature=s.holdout_temperature, frames=s.holdout_frames,
+                                       log=ctx.log, progress=ctx.progress)
+                name = f"fresh MD {what}^3 {s.holdout_temperature:g} K"
+                source = (f"{len(frames)} frames of a fresh {s.holdout_temperature:g} K NPT MD of the model "
+                          f"({what}^3), labelled by {oracles[0]}")
+                oref = cubic_energy(ctx.model, ctx.calcs[oracles[0]])  # relative to the oracle's own cubic
+            acc = accuracy(ctx.model, frames, source=source, oracle_reference_energy=oref, log=ctx.log)
+        except Exception as exc:   # one set's failure is reported; the others go on
+            failed[str(what)] = f"{type(exc).__name__}: {exc}"
+            ctx.log(f"held-out set {what} FAILED: {failed[str(what)]}")
+            continue
+        plot_parity(acc.parity, ctx.out / f"accuracy_parity_{k}.png", title=f"held-out set: {name}")
+        plot_errors(acc, ctx.out / f"accuracy_bayesian_{k}.png")
+        c = acc.calibration
+        ctx.log(f"held-out accuracy, {name} ({acc.frames} frames): energy {acc.rmse_energy_mev:.2f} meV/cell, "
+                f"forces {acc.rmse_forces:.3f} eV/A, stress {acc.rmse_stress_gpa:.3f} GPa (RMSE)"
+                + (f"; Bayesian vs actual force error: rank correlation {c['spearman']:.2f}, top-quartile precision "
+                   f"{c['top_quartile_precision']:.2f}" if "spearman" in c else ""))
+        sets.append({"name": name, "figures": [f"accuracy_parity_{k}.png", f"accuracy_bayesian_{k}.png"],
+                     **acc.as_dict()})
+    if not sets:
+        raise ValueError("no held-out set could be evaluated: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return {"sets": sets, "failed": failed}
 
 
 ITEM_FUNCTIONS = {"ground_state": _item_ground_state, "metastable": _item_metastable, "phonons": _item_phonons,
@@ -472,17 +506,29 @@ def _section_double_well(dw: dict) -> list:
     return lines + [""]
 
 
-def _section_accuracy(a: dict) -> list:
-    lines = ["## Accuracy on a held-out set (never trained on)", "", f"Source: {a['source']}; {a['frames']} frames"
-             + (f", {len(a['skipped'])} left out (see results.json)" if a["skipped"] else "") + ".", "",
-             "| quantity | RMSE |", "|---|---|",
-             f"| energy (meV/cell) | {_fmt(a['rmse_energy_mev'], '.3f')} |",
-             f"| forces (eV/A) | {_fmt(a['rmse_forces'], '.4f')} |",
-             f"| stress (GPa) | {_fmt(a['rmse_stress_gpa'], '.4f')} |", "",
-             f"Largest force-component error {_fmt(a['max_force_error'], '.3f')} eV/A; energies relative to each "
-             f"side's cubic reference (oracle - model offset {_fmt(a['energy_offset_mev'], '.2f')} meV/cell).", "",
-             "![parity](accuracy_parity.png) ![bayesian](accuracy_bayesian.png)", ""]
-    lines += calibration_lines(a.get("calibration") or {})
+def _section_accuracy(data: dict) -> list:
+    sets = data["sets"]
+    lines = ["## Accuracy on held-out sets (never trained on)", "",
+             "| held-out set | frames | energy (meV/cell) | forces (eV/A) | stress (GPa) | largest force error (eV/A) "
+             "| rank corr. Bayesian vs actual | top-quartile precision |", "|---" * 8 + "|"]
+    for a in sets:
+        c = a.get("calibration") or {}
+        lines.append(f"| {a['name']} | {a['frames']} | {_fmt(a['rmse_energy_mev'], '.3f')} | "
+                     f"{_fmt(a['rmse_forces'], '.4f')} | {_fmt(a['rmse_stress_gpa'], '.4f')} | "
+                     f"{_fmt(a['max_force_error'], '.3f')} | {_fmt(c.get('spearman'), '.2f')} | "
+                     f"{_fmt(c.get('top_quartile_precision'), '.2f')} |")
+    lines += ["", "RMSE over every frame, force component and Voigt stress component; energies relative to each "
+              "side's cubic reference (fresh MD sets: the oracle's own cubic cell; files: as given). Top-quartile "
+              "precision: the share of the quarter of frames with the largest Bayesian error whose actual error is "
+              "above the median (0.5: no information).", ""]
+    for a in sets:
+        lines += [f"### {a['name']}", "", f"Source: {a['source']}; {a['frames']} frames"
+                  + (f", {len(a['skipped'])} left out (see results.json)" if a["skipped"] else "") + "; oracle - model "
+                  f"offset of the cubic reference {_fmt(a['energy_offset_mev'], '.2f')} meV/cell.", "",
+                  " ".join(f"![{f}]({f})" for f in a["figures"]), ""]
+        lines += calibration_lines(a.get("calibration") or {})
+    for what, err in (data.get("failed") or {}).items():
+        lines += [f"**held-out set {what} FAILED**: {err}", ""]
     return lines
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from sp_server.model.native import load_model
 from sp_server.validate.ground_state import double_well, ground_state, model_calculator
-from sp_server.validate.run import run_validation
+from sp_server.validate.run import ValidationSettings, run_validation
 
 TOY = Path(__file__).resolve().parents[2] / "models" / "toy_perovskite.h5"
 
@@ -95,7 +95,7 @@ def test_every_item_at_its_smallest_setting(tmp_path):
     from sp_server.validate.run import ValidationSettings
     from sp_server.validate.transitions import TransitionSettings
     settings = ValidationSettings(transport_mesh=(4, 4, 4), transport_temperatures=(100.0, 300.0, 600.0),
-                                  phonon_points=5, double_well_points=7, holdout_frames=3,
+                                  phonon_points=5, double_well_points=7, holdout_frames=3, holdout_supercells=(2,),
                                   transitions=TransitionSettings(supercell=3, temperatures=(50.0, 600.0), steps=60,
                                                                  stride=10, cooling=False))
     res = run_validation(TOY, tmp_path, oracle=model_calculator(load_model(TOY)), oracle_name="model",
@@ -106,15 +106,46 @@ def test_every_item_at_its_smallest_setting(tmp_path):
                                   "double_well", "accuracy"}
     for ph, by in data["metastable"].items():
         assert by["model"]["energy_mev"] == pytest.approx(by["oracle:model"]["energy_mev"], abs=1e-6), ph
-    assert data["accuracy"]["rmse_forces"] < 1e-6 and data["accuracy"]["frames"] == 3
+    (held,) = data["accuracy"]["sets"]
+    assert held["rmse_forces"] < 1e-6 and held["frames"] == 3 and held["name"] == "fresh MD 2^3 300 K"
     assert len(data["transitions"]["stages"]) == 2 and data["transport"]["mesh"] == [4, 4, 4]
     summary = (tmp_path / "summary.md").read_text()
     for title in ("## Ground state", "## Metastable phases", "## Phonons, R", "## Thermal transport",
-                  "## Phase transitions", "## Double well", "## Accuracy on a held-out set"):
+                  "## Phase transitions", "## Double well", "## Accuracy on held-out sets"):
         assert title in summary
     for name in ("metastable.png", "metastable.csv", "transport.png", "transport.csv", "transitions.png",
-                 "transitions.csv", "accuracy_parity.png", "accuracy_bayesian.png", "phonons_C.png"):
+                 "transitions.csv", "accuracy_parity_1.png", "accuracy_bayesian_1.png", "phonons_C.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_held_out_sets_from_files_and_fresh_md_each_in_its_row(tmp_path, toy):
+    """Every --holdout file and every fresh MD cell is its own set with its own RMSEs and figures; a set that cannot
+    be read is reported and the others go on."""
+    import ase.io
+    from sp_server.validate.accuracy import sample_frames
+    frames = sample_frames(TOY, model_calculator(toy), tmp_path / "made", supercell=2, temperature=200.0, frames=4,
+                           steps=200, log=lambda m: None)
+    ase.io.write(tmp_path / "outside.extxyz", frames)
+    cli = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "validate", str(TOY), "--items", "accuracy",
+                          "--holdout", str(tmp_path / "outside.extxyz"), "--holdout", str(tmp_path / "missing.extxyz"),
+                          "--holdout-md", "-o", str(tmp_path / "cli"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    data = json.loads((tmp_path / "cli" / "results.json").read_text())["accuracy"]
+    assert [s["name"] for s in data["sets"]] == ["outside.extxyz"] and data["sets"][0]["frames"] == 4
+    assert data["sets"][0]["rmse_forces"] < 1e-6 and "missing.extxyz" in next(iter(data["failed"]))
+    summary = (tmp_path / "cli" / "summary.md").read_text()
+    assert "| outside.extxyz | 4 |" in summary and "held-out set" in summary and "FAILED" in summary
+    # a file and a fresh 2^3 MD, side by side
+    settings = ValidationSettings(holdout=(str(tmp_path / "outside.extxyz"),), holdout_supercells=(2,),
+                                  holdout_frames=3)
+    res = run_validation(TOY, tmp_path / "both", oracle=model_calculator(toy), oracle_name="model",
+                         items=("accuracy",), settings=settings, log=lambda m: None)
+    names = [s["name"] for s in res["accuracy"]["sets"]]
+    assert names == ["outside.extxyz", "fresh MD 2^3 300 K"] and res["failed"] == {}
+    assert (tmp_path / "both" / "accuracy_parity_2.png").stat().st_size > 0
+    assert ValidationSettings().fresh_holdout_supercells() == (2, 4)
+    assert ValidationSettings(holdout="x.extxyz").fresh_holdout_supercells() == ()
 
 
 def test_a_failing_item_is_reported_and_the_others_go_on(tmp_path):
