@@ -12,7 +12,9 @@ with one row per constraint, linear in w because the energy is:
 * the conditions of the probe rays of :mod:`sp_server.fit.probes` (random distortions above a floor and rising,
   lone atoms climbing away from their sites, strain rising), and of any ray where the check of
   :mod:`sp_server.fit.bound` found the model falling or a hot MD saw an atom escape;
-* sign: the even top-order bounding terms (u_a - u_b)^8 and eta^4 are non-negative.
+* sign: the even top-order bounding terms (u_a - u_b)^8 and eta^4, eta^6 are non-negative, and each pair term
+  (u_a - u_b)^8 at least a least value (a wall of 1 eV at 1 A of relative displacement by default, see
+  :class:`sp_server.fit.bound.BoundSettings`).
 
 With C^-1 = L L^T and z = L^T (w - m) this is a least-distance problem, min |z| subject to (G L^-T) z >= h - G m,
 solved exactly through non-negative least squares (Lawson & Hanson, "Solving Least Squares Problems", ch. 23).
@@ -91,12 +93,12 @@ class ConstraintSet:
         self.h = np.concatenate([self.h, other.h])
         self.kinds += list(other.kinds)
 
-    def nonnegative(self, indices, kind: str = "sign"):
-        """w_j >= 0 for each j of ``indices``."""
-        for j in indices:
+    def at_least(self, indices, values, kind: str = "sign"):
+        """w_j >= value for each j of ``indices`` and its value of ``values``."""
+        for j, v in zip(indices, values):
             row = np.zeros(self.G.shape[1])
             row[j] = 1.0
-            self.add(row, 0.0, kind)
+            self.add(row, float(v), kind)
 
     def violations(self, w) -> np.ndarray:
         return self.h - self.G @ w

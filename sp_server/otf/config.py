@@ -150,6 +150,10 @@ class FitConfig:
                                   # fits find at 8-12% strain (docs/fitting.md)
     bound_md_cell: bool = False   # the hot MD of the check moves the cell (catches strain runaways; with sp_pairs
                                   # u^4 eta; see docs/fitting.md)
+    bound_md_supercell: list = field(default_factory=lambda: [4, 4, 4])  # the check's hot MD: cell and steps;
+    bound_md_steps: int = 300     # a 6x6x6 cell for 1000 steps finds the rare local holes that 10^3 production runs
+                                  # meet after picoseconds (docs/fitting.md)
+    bound_pair_wall: float = 1.0  # eV/A^8: least value of each (u_a - u_b)^8 bounding term (BoundSettings.pair_wall)
 
 
 @dataclass
@@ -242,7 +246,8 @@ class OtfConfig:
         if self.loop.final_temperatures and not self.loop.final_supercell:
             raise ConfigError(f"{where}: [loop] final_temperatures needs final_supercell")
         for name, mesh in (("[md] supercell", self.md.supercell), ("[loop] final_supercell",
-                                                                  self.loop.final_supercell or [1, 1, 1])):
+                                                                  self.loop.final_supercell or [1, 1, 1]),
+                           ("[fit] bound_md_supercell", self.fit.bound_md_supercell)):
             if len(mesh) != 3 or any(int(n) != n or n < 1 for n in mesh):
                 raise ConfigError(f"{where}: {name} must be three positive integers, got {mesh}")
         bad = [p for p in self.md.phases if p not in ("R", "O", "T", "C")]
@@ -251,6 +256,8 @@ class OtfConfig:
         for name in ("steps", "trajectory_stride"):
             if int(getattr(self.md, name)) < 1:
                 raise ConfigError(f"{where}: [md] {name} must be >= 1")
+        if int(self.fit.bound_md_steps) < 1 or float(self.fit.bound_pair_wall) < 0:
+            raise ConfigError(f"{where}: [fit] bound_md_steps must be >= 1 and bound_pair_wall >= 0 (eV/A^8)")
         if self.terms.select_by not in ("evidence", "count"):
             raise ConfigError(f"{where}: [terms] select_by must be 'evidence' or 'count', got {self.terms.select_by!r}")
         pairs = self.terms.sp_pairs

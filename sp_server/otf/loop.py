@@ -481,6 +481,8 @@ class OnTheFly:
                 cuts = []
             settings = BoundSettings(md_temperature=float(hot), backgrounds=polar_backgrounds(harmonic),
                                      md_cell=bool(cfg.fit.bound_md_cell),
+                                     md_mesh=tuple(int(n) for n in cfg.fit.bound_md_supercell),
+                                     md_steps=int(cfg.fit.bound_md_steps), pair_wall=float(cfg.fit.bound_pair_wall),
                                      relax_max_strain=float(cfg.fit.bound_relax_strain))
             model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
                                                bounding=bounding, name="otf", cuts=cuts,

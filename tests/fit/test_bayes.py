@@ -237,7 +237,8 @@ def test_fixed_coefficients_come_out_of_the_targets_exactly(teacher, base):
 def test_bounded_by_construction_keeps_the_data(teacher, base):
     """A teacher whose only anharmonic term is a negative quartic is unbounded, and so is the plain fit of its
     data.  fit_bounded fits the term with the bounding terms and takes the posterior's most probable values under
-    the probe rays' conditions: the result passes the check, its bounding values are non-negative, it keeps the
+    the probe rays' conditions: the result passes the check, its bounding values are non-negative (the pair walls
+    (u_a - u_b)^8 at least BoundSettings.pair_wall), it keeps the
     posterior, and it fits the data better than the plain fit made bounded afterwards by bound_model's ladder."""
     from sp_server.fit.bound import BoundSettings, bound_model, bounding_coefficients, check_bounded, fit_bounded
     from sp_server.fit.fit import fit_training_set
@@ -260,7 +261,8 @@ def test_bounded_by_construction_keeps_the_data(teacher, base):
     meta = model.metadata["bounding"]
     assert meta["method"] == "constrained MAP" and meta["active"] >= 1 and meta["mahalanobis_shift"] > 0
     assert len(model.anharmonic) == 1 + len(bounding) and np.all(model.anharmonic.values[1:] >= 0)
-    assert np.any(model.anharmonic.values[1:] > 0)
+    pairs = np.array([c.name.endswith(")^8") for c in bounding])
+    assert pairs.sum() >= 2 and fast.pair_wall == 1.0 and np.all(model.anharmonic.values[1:][pairs] >= 1.0)  # walls
     assert model.posterior is not None and model.posterior.ncoef == len(model.anharmonic)
     added, _ = bound_model(plain, fast, log=lambda m: None)
     value = added.metadata["bounding"]["value"]

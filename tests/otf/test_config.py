@@ -22,6 +22,7 @@ def test_defaults_and_relative_paths(tmp_path):
     assert cfg.loop.temperatures == [15, 50, 100, 150, 200, 250, 300]               # the paper's ramp
     assert cfg.md.steps == 1000 and cfg.md.phases == ["R", "O", "T"] and cfg.terms.select == 96
     assert cfg.terms.sp_pairs == [] and cfg.fit.energy_scale == 1e-3
+    assert cfg.fit.bound_md_supercell == [4, 4, 4] and cfg.fit.bound_md_steps == 300 and cfg.fit.bound_pair_wall == 1.0
 
 
 @pytest.mark.parametrize("text, message", [
@@ -37,6 +38,8 @@ def test_defaults_and_relative_paths(tmp_path):
     ("[md]\nphases = [\"R\", \"X\"]\n", "among R, O, T, C"),
     ("[oracle]\necut_ha = 10\n", r"\[oracle\] needs name"),
     ("[md\nsteps = 3\n", "not valid TOML"),
+    ("[fit]\nbound_md_supercell = [6, 6]\n", r"\[fit\] bound_md_supercell must be three positive integers"),
+    ("[fit]\nbound_pair_wall = -1.0\n", r"bound_pair_wall >= 0"),
 ])
 def test_bad_configuration_names_what_is_wrong(tmp_path, text, message):
     path = write(tmp_path, text)
