@@ -13,8 +13,8 @@ with one row per constraint, linear in w because the energy is:
   lone atoms climbing away from their sites, strain rising), and of any ray where the check of
   :mod:`sp_server.fit.bound` found the model falling or a hot MD saw an atom escape;
 * sign: the even top-order bounding terms (u_a - u_b)^8 and eta^4, eta^6 are non-negative, and each pair term
-  (u_a - u_b)^8 at least a least value (a wall of 1 eV at 1 A of relative displacement by default, see
-  :class:`sp_server.fit.bound.BoundSettings`).
+  (u_a - u_b)^8 at least a least value (``BoundSettings.pair_wall``, e.g. 1 eV/A^8: 1 eV at 1 A of relative
+  displacement; see :class:`sp_server.fit.bound.BoundSettings`).
 
 With C^-1 = L L^T and z = L^T (w - m) this is a least-distance problem, min |z| subject to (G L^-T) z >= h - G m,
 solved exactly through non-negative least squares (Lawson & Hanson, "Solving Least Squares Problems", ch. 23).

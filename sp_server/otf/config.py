@@ -153,7 +153,8 @@ class FitConfig:
     bound_md_supercell: list = field(default_factory=lambda: [4, 4, 4])  # the check's hot MD: cell and steps;
     bound_md_steps: int = 300     # a 6x6x6 cell for 1000 steps finds the rare local holes that 10^3 production runs
                                   # meet after picoseconds (docs/fitting.md)
-    bound_pair_wall: float = 1.0  # eV/A^8: least value of each (u_a - u_b)^8 bounding term (BoundSettings.pair_wall)
+    bound_pair_wall: float = 0.0  # eV/A^8: least value of each (u_a - u_b)^8 bounding term (BoundSettings.pair_wall;
+                                  # the shipped BaTiO3 model: 1, docs/fitting.md)
 
 
 @dataclass

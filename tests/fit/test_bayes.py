@@ -250,7 +250,7 @@ def test_bounded_by_construction_keeps_the_data(teacher, base):
     for label, a in data:
         ts.add(a, label)
     idx = list(range(1, 1 + len(bounding)))
-    fast = BoundSettings(n_directions=60, md_steps=150, md_temperature=600.0)   # the loop: twice its top T
+    fast = BoundSettings(n_directions=60, md_steps=150, md_temperature=600.0, pair_wall=1.0)  # loop: twice its top T
     plain, _ = fit_training_set(ts, base, fixed={j: 0.0 for j in idx})
     assert plain.anharmonic.values[0] == pytest.approx(-0.9, rel=1e-6)
     assert not check_bounded(plain, fast).bounded

@@ -22,7 +22,7 @@ def test_defaults_and_relative_paths(tmp_path):
     assert cfg.loop.temperatures == [15, 50, 100, 150, 200, 250, 300]               # the paper's ramp
     assert cfg.md.steps == 1000 and cfg.md.phases == ["R", "O", "T"] and cfg.terms.select == 96
     assert cfg.terms.sp_pairs == [] and cfg.fit.energy_scale == 1e-3
-    assert cfg.fit.bound_md_supercell == [4, 4, 4] and cfg.fit.bound_md_steps == 300 and cfg.fit.bound_pair_wall == 1.0
+    assert cfg.fit.bound_md_supercell == [4, 4, 4] and cfg.fit.bound_md_steps == 300 and cfg.fit.bound_pair_wall == 0.0
 
 
 @pytest.mark.parametrize("text, message", [
