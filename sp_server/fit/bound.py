@@ -270,10 +270,9 @@ def bounding_coefficients(model: Model, cutoff: float = 3.0) -> list:
 
 
 def bounding_least_values(coefficients, pair_wall: float) -> np.ndarray:
-    """The least value of each bounding coefficient of ``coefficients`` (:func:`bounding_coefficients`' names):
-    ``pair_wall`` (eV/A^8) for the pair terms (u_a - u_b)^8, 0 for the strain terms."""
-    return np.array([float(pair_wall) if (c.name or "").startswith("bound (") and (c.name or "").endswith(")^8")
-                     else 0.0 for c in coefficients])
+    """The least value of each bounding coefficient of ``coefficients`` (:func:`bounding_coefficients`):
+    ``pair_wall`` (eV/A^8) for the pair terms (u_a - u_b)^8, the ones with displacements; 0 for the strain terms."""
+    return np.array([float(pair_wall) if any(t.displacements for t in c.terms) else 0.0 for c in coefficients])
 
 
 def bound_model(model: Model, settings: BoundSettings = BoundSettings(), *, start=1.0, factor=10.0, max_rounds=5,

@@ -285,22 +285,21 @@ def _item_accuracy(ctx: _Context) -> dict:
     s = ctx.settings
     oracles = [n for n in ctx.calcs if n != "model"]
     fresh = s.fresh_holdout_supercells()
+    if not s.holdout and not (fresh and oracles):
+        raise ValueError("accuracy needs a held-out set: --holdout FILE, or an --oracle to label fresh MD frames "
+                         "(--holdout-md N)")
     if fresh and not oracles:
-        if not s.holdout:
-            raise ValueError("accuracy needs a held-out set: --holdout FILE, or an --oracle to label fresh MD frames")
         raise ValueError(f"fresh held-out MDs on {fresh} need an --oracle to label them")
+    oref_md = cubic_energy(ctx.model, ctx.calcs[oracles[0]]) if fresh else None  # the oracle's own cubic energy
     jobs = [("file", h) for h in s.holdout] + [("md", n) for n in fresh]
-    if not jobs:
-        raise ValueError("accuracy needs a held-out set: no --holdout file and no fresh MD cell (--holdout-md N)")
     sets, failed = [], {}
     for k, (kind, what) in enumerate(jobs, start=1):
         try:
             oref = None   # a file: energies compared as given (both relative to the model's reference energy)
             if kind == "file":
-                select = s.holdout_select if str(what).endswith(".db") else None
-                frames = read_frames(what, select)
-                name = Path(what).name + (f" ({select})" if select else "")
-                source = f"{what}" + (f" ({select})" if select else "")
+                frames = read_frames(what, s.holdout_select)   # a selection on a file that is no ase.db: an error
+                sel = f" ({s.holdout_select})" if s.holdout_select else ""
+                name, source = Path(what).name + sel, f"{what}{sel}"
             else:
                 frames = sample_frames(ctx.model_path, ctx.calcs[oracles[0]], ctx.out / f"holdout_{what}",
                                        supercell=what, temperature=s.holdout_temperature, frames=s.holdout_frames,
@@ -308,7 +307,7 @@ def _item_accuracy(ctx: _Context) -> dict:
                 name = f"fresh MD {what}^3 {s.holdout_temperature:g} K"
                 source = (f"{len(frames)} frames of a fresh {s.holdout_temperature:g} K NPT MD of the model "
                           f"({what}^3), labelled by {oracles[0]}")
-                oref = cubic_energy(ctx.model, ctx.calcs[oracles[0]])  # relative to the oracle's own cubic
+                oref = oref_md
             acc = accuracy(ctx.model, frames, source=source, oracle_reference_energy=oref, log=ctx.log)
         except Exception as exc:   # one set's failure is reported; the others go on
             failed[str(what)] = f"{type(exc).__name__}: {exc}"
