@@ -2,7 +2,8 @@
 held-out and validation errors: the check behind docs/otf.md's table of strain-phonon couplings (issue 15).
 
     python tools/refit_terms.py RUN_DIR [--sp-orders 1 2] [--strain-powers 1 2] [--sp-pairs 3:1 4:1]
-                                [--pure-strain 3 4] [--energy-scales 1e-3 3e-4] [--select 150] [--leave-out 4:1 ...]
+                                [--pure-strain 3 4] [--energy-scales 1e-3 3e-4] [--select 150 300]
+                                [--cutoff-factor 1.0] [--max-bodies 3] [--harmonic H.h5] [--leave-out 4:1 ...]
 
 RUN_DIR is the run folder of `sp-server otf` (harmonic.h5, store.db).  The design rows of its labelled training
 structures are built once for the generated pool (a minute or two for 5000 candidates); every energy scale
@@ -46,18 +47,26 @@ def main(argv=None):
     p.add_argument("--sp-pairs", type=pair, nargs="*", default=[(3, 1), (4, 1)], metavar="N:Q")
     p.add_argument("--pure-strain", type=int, nargs="+", default=[3, 4])
     p.add_argument("--energy-scales", type=float, nargs="+", default=[1e-3, 3e-4], help="eV/atom")
-    p.add_argument("--select", type=int, default=150)
+    p.add_argument("--select", type=int, nargs="+", default=[150], help="numbers of terms to select (each a refit)")
+    p.add_argument("--cutoff-factor", type=float, default=None, help="bond cutoff in units of a0 (default: the run's)")
+    p.add_argument("--harmonic", type=Path, default=None,
+                   help="another harmonic model (.h5) of the same reference instead of the run's harmonic.h5")
+    p.add_argument("--max-bodies", type=int, default=None, help="(default: the run's)")
     p.add_argument("--leave-out", type=pair, nargs="*", default=[], metavar="N:Q",
                    help="also refit with each of these (displacement order:strain order) categories held at zero")
     args = p.parse_args(argv)
 
     run = args.run_dir
     cfg = OtfConfig.load(run / "config.toml")
-    harm = load_model(run / "harmonic.h5")
+    harm = load_model(args.harmonic or run / "harmonic.h5")
     a0 = float(np.cbrt(harm.reference.volume))
     gs = dataclasses.replace(cfg.terms.generator_settings(a0), orders=tuple(args.orders),
                              sp_orders=tuple(args.sp_orders), strain_powers=tuple(args.strain_powers),
                              sp_pairs=tuple(args.sp_pairs), pure_strain=tuple(args.pure_strain))
+    if args.cutoff_factor is not None:
+        gs = dataclasses.replace(gs, cutoff=args.cutoff_factor * a0)
+    if args.max_bodies is not None:
+        gs = dataclasses.replace(gs, max_bodies=args.max_bodies)
     pool = generate_terms(harm.reference, gs)
     print(f"{len(pool)} candidates: " + ", ".join(f"u^{n} eta^{q} {c}" for (n, q), c in
                                                   sorted(collections.Counter((c.displacement_order, c.strain_order)
@@ -82,9 +91,9 @@ def main(argv=None):
         st.b *= k
         st.yy *= k
         ts.stats["energy"] = st
-        for out in [None] + list(args.leave_out):
+        for select, out in [(n, None) for n in args.select] + [(args.select[0], o) for o in args.leave_out]:
             fixed = {j: 0.0 for j, c in enumerate(category) if c == out}
-            model, rep = fit_training_set(ts, harm, select=args.select, fixed=fixed)
+            model, rep = fit_training_set(ts, harm, select=select, fixed=fixed)
             tr = rep.rmse
             line = (f"{scale:12.1e} {'-' if out is None else f'{out[0]}:{out[1]}':>10s} {len(rep.selected):5d}   "
                     f"{tr['energy'] * 5 / np.sqrt(k):5.2f} {tr['forces']:.3f} {tr['stress']:.3f}")

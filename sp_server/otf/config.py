@@ -153,6 +153,9 @@ class FitConfig:
     bound_md_supercell: list = field(default_factory=lambda: [4, 4, 4])  # the check's hot MD: cell and steps;
     bound_md_steps: int = 300     # a 6x6x6 cell for 1000 steps finds the rare local holes that 10^3 production runs
                                   # meet after picoseconds (docs/fitting.md)
+    bound_chains: bool = False    # the check also relaxes (and probes rays) from the polar-chain patterns of the
+                                  # metastable phases (P4/nmm, Pmma, Cmcm, Pbcm at 0.2 A), not only from the polar
+                                  # R, O, T starts (docs/fitting.md)
     bound_pair_wall: float = 0.0  # eV/A^8: least value of each (u_a - u_b)^8 bounding term (BoundSettings.pair_wall;
                                   # the shipped BaTiO3 model: 1, docs/fitting.md)
 
@@ -231,6 +234,18 @@ class OtfConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         return cls.from_dict(data, path)
+
+    def notes(self) -> list:
+        """Advice on a valid configuration that will likely give a worse model (logged when a run starts)."""
+        out = []
+        harm = [int(n) for n in self.harmonic.supercell]
+        for name, mesh in (("[md] supercell", self.md.supercell), ("[loop] final_supercell", self.loop.final_supercell)):
+            if mesh and any(int(n) > h for n, h in zip(mesh, harm)):
+                out.append(f"{name} {list(mesh)} is larger than the harmonic part's [harmonic] supercell {harm}: its "
+                           "force constants are Wigner-Seitz interpolated on those cells, which the anharmonic terms "
+                           "cannot correct (BaTiO3 with CHGNet, 4x4x4 cells, 0.03 A random displacements: force error "
+                           "0.12 eV/A from a 2x2x2 harmonic part, 0.08 from a 4x4x4 one; docs/otf.md)")
+        return out
 
     def check(self, where: str):
         from ..model.posterior import ErrorThreshold

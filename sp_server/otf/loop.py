@@ -60,7 +60,8 @@ from .config import OtfConfig
 from .label import LabelChecks, owner_name, run_worker
 from .md import MDJob, MDSettings, run_md, trajectory_tail
 from .report import frame_pairs, parity_data, rmse, write_report
-from .structures import cubic_perovskite, initial_structures, polar_backgrounds, polar_structure
+from .structures import (chain_backgrounds, cubic_perovskite, initial_structures, polar_backgrounds,
+                         polar_structure)
 
 STAGES = ("setup", "md", "label", "fit", "holdout", "done")
 
@@ -178,6 +179,16 @@ class OnTheFly:
         self.log(f"done: model {self.dir / 'model.h5'} (version {self.state['model_version']}); report {report}")
         return self.dir / "model.h5"
 
+    def bound_settings(self, harmonic: Model) -> BoundSettings:
+        """The boundedness check of every fit, from ``[fit]``: hot MD (temperature, cell, steps), relaxations from the
+        polar starts (and the polar-chain patterns with ``bound_chains``), pair walls."""
+        f = self.config.fit
+        hot = f.bound_temperature or max(300.0, 2.0 * max(self.config.loop.temperatures))
+        backgrounds = polar_backgrounds(harmonic) + (chain_backgrounds(harmonic) if f.bound_chains else [])
+        return BoundSettings(md_temperature=float(hot), backgrounds=tuple(backgrounds), md_cell=bool(f.bound_md_cell),
+                             md_mesh=tuple(int(n) for n in f.bound_md_supercell), md_steps=int(f.bound_md_steps),
+                             pair_wall=float(f.bound_pair_wall), relax_max_strain=float(f.bound_relax_strain))
+
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self):
         cfg = self.config
@@ -191,6 +202,8 @@ class OnTheFly:
                                   strain_step=cfg.harmonic.strain_step, relax_lattice=cfg.harmonic.relax_lattice)
             born = read_phonopy_born(cfg.harmonic.born, atoms) if cfg.harmonic.born else None
             self.log(f"harmonic part from the oracle {cfg.oracle} on a {hs.mesh()} supercell")
+            for note in cfg.notes():
+                self.log(f"  NOTE: {note}")
             # every call retried like a label, every result kept in harmonic_calls/: a stop or a failure here is
             # continued by the same command without repeating what was computed
             harmonic = harmonic_from_oracle(atoms, self.oracle, hs, born=born, name="otf",
@@ -472,18 +485,13 @@ class OnTheFly:
             report.sigma_v = model.posterior.sigma_v if model.posterior is not None else float("nan")
             self.log(f"  no new labels: model v{version} kept")
         elif cfg.fit.bound:
-            hot = cfg.fit.bound_temperature or max(300.0, 2.0 * max(cfg.loop.temperatures))
             cuts_path = self.dir / "bound_cuts.npz"
             try:
                 cuts = load_rays(cuts_path) if cuts_path.exists() else []
             except ValueError as exc:   # a damaged file only costs the rounds that find them again
                 self.log(f"  {exc}; the constrained fit starts from its probes alone")
                 cuts = []
-            settings = BoundSettings(md_temperature=float(hot), backgrounds=polar_backgrounds(harmonic),
-                                     md_cell=bool(cfg.fit.bound_md_cell),
-                                     md_mesh=tuple(int(n) for n in cfg.fit.bound_md_supercell),
-                                     md_steps=int(cfg.fit.bound_md_steps), pair_wall=float(cfg.fit.bound_pair_wall),
-                                     relax_max_strain=float(cfg.fit.bound_relax_strain))
+            settings = self.bound_settings(harmonic)
             model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
                                                bounding=bounding, name="otf", cuts=cuts,
                                                version=version, report=report, log=lambda m: self.log(f"  {m}"),

@@ -148,9 +148,18 @@ PHASES = {
 def phase_structure(model: Model, name: str, amplitude: float = 0.1) -> Atoms:
     """The reference supercell of the phase ``name`` (a key of :data:`PHASES`) with its pattern: every component
     ``p_i cos(2 pi q.L)`` along d with largest atomic displacement ``amplitude`` (A)."""
+    mesh = PHASES[name][0] if name in PHASES else None
+    return configuration(model, mesh, phase_displacements(model, name, amplitude, mesh))
+
+
+def phase_displacements(model: Model, name: str, amplitude: float, mesh) -> np.ndarray:
+    """(n_cells, nat, 3) A: the pattern of the phase ``name`` (see :func:`phase_structure`) on the supercell
+    ``mesh``, which must be a multiple of the phase's own (e.g. 2x2x2 for all of :data:`PHASES`)."""
     if name not in PHASES:
         raise ValueError(f"unknown phase {name!r}: choose among {list(PHASES)}")
-    mesh, comps = PHASES[name]
+    own, comps = PHASES[name]
+    if any(int(n) % m for n, m in zip(mesh, own)):
+        raise ValueError(f"phase {name}: supercell {tuple(mesh)} is not a multiple of its own {own}")
     cells = _cells(mesh)
     u = np.zeros((len(cells), model.natoms, 3))
     for q, d in comps:
@@ -162,7 +171,7 @@ def phase_structure(model: Model, name: str, amplitude: float = 0.1) -> Atoms:
                 part[:, alpha] = d[alpha] * soft_pattern(model, q, alpha)
         part *= amplitude / np.linalg.norm(part, axis=1).max()
         u += wave[:, None, None] * part[None]
-    return configuration(model, mesh, u)
+    return u
 
 
 def polar_backgrounds(model: Model, mesh=(2, 2, 2), phases=("R", "O", "T"), amplitudes=(0.1, 0.2)) -> list:
@@ -175,6 +184,16 @@ def polar_backgrounds(model: Model, mesh=(2, 2, 2), phases=("R", "O", "T"), ampl
             u = polar_structure(model, mesh, phase, amp).positions - ref
             out.append((f"{phase} polar {amp:g} A", u.reshape(tuple(mesh) + (model.natoms, 3))))
     return out
+
+
+def chain_backgrounds(model: Model, amplitudes=(0.2,), names=("P4/nmm", "Pmma", "Cmcm", "Pbcm")) -> list:
+    """[(name, u (2, 2, 2, nat, 3) A)] of the polar-chain patterns of the metastable phases (:data:`PHASES`; the
+    uniform ones, P4mm, Amm2 and R3m, are :func:`polar_backgrounds` already), for the boundedness check's
+    relaxations: a fit may hold from the polar starts and still fall from a chain pattern (a P4/nmm relaxation of
+    a rebuilt BaTiO3 model ran to 25% strain, issue 15)."""
+    mesh = (2, 2, 2)
+    return [(f"{name} chains {amp:g} A", phase_displacements(model, name, amp, mesh).reshape(mesh + (model.natoms, 3)))
+            for name in names for amp in amplitudes]
 
 
 def polar_strain(direction, s: float, kind: str) -> np.ndarray:

@@ -23,6 +23,7 @@ def test_defaults_and_relative_paths(tmp_path):
     assert cfg.md.steps == 1000 and cfg.md.phases == ["R", "O", "T"] and cfg.terms.select == 96
     assert cfg.terms.sp_pairs == [] and cfg.fit.energy_scale == 1e-3
     assert cfg.fit.bound_md_supercell == [4, 4, 4] and cfg.fit.bound_md_steps == 300 and cfg.fit.bound_pair_wall == 0.0
+    assert cfg.fit.bound_chains is False
 
 
 @pytest.mark.parametrize("text, message", [
@@ -61,3 +62,30 @@ def test_final_supercell_stage_extends_the_schedule(tmp_path):
         OtfConfig.load(write(tmp_path, '[loop]\nfinal_temperatures = [300]\n'))
     with pytest.raises(ConfigError, match="three positive integers"):
         OtfConfig.load(write(tmp_path, '[loop]\nfinal_supercell = [4, 4]\n'))
+
+
+def test_notes_say_when_md_cells_outgrow_the_harmonic_supercell(tmp_path):
+    cfg = OtfConfig.load(write(tmp_path, '[loop]\nfinal_supercell = [4, 4, 4]\nfinal_temperatures = [300]\n'))
+    notes = cfg.notes()
+    assert len(notes) == 1 and "[loop] final_supercell [4, 4, 4]" in notes[0] and "[2, 2, 2]" in notes[0]
+    cfg = OtfConfig.load(write(tmp_path, '[harmonic]\nsupercell = [4, 4, 4]\n[loop]\nfinal_supercell = [4, 4, 4]\n'
+                                         'final_temperatures = [300]\n'))
+    assert cfg.notes() == []
+
+
+def test_bound_settings_follow_the_fit_section(tmp_path):
+    """What the loop's boundedness check gets from [fit]: the chain backgrounds only with bound_chains."""
+    from sp_server.model.toy import toy_perovskite
+    from sp_server.otf.loop import OnTheFly
+    toy = toy_perovskite()
+    cfg = OtfConfig.load(write(tmp_path, '[loop]\ntemperatures = [15, 300]\n'))
+    plain = OnTheFly(cfg, progress=False, log=lambda m: None).bound_settings(toy)
+    assert plain.md_temperature == 600.0 and plain.md_mesh == (4, 4, 4) and plain.pair_wall == 0.0
+    assert [name for name, _ in plain.backgrounds] == [f"{p} polar {a} A" for p in "ROT" for a in (0.1, 0.2)]
+    cfg = OtfConfig.load(write(tmp_path, '[fit]\nbound_chains = true\nbound_md_supercell = [6, 6, 6]\n'
+                                         'bound_pair_wall = 1.0\nbound_relax_strain = 0.15\n'))
+    full = OnTheFly(cfg, progress=False, log=lambda m: None).bound_settings(toy)
+    names = [name for name, _ in full.backgrounds]
+    assert names[:6] == [name for name, _ in plain.backgrounds] and len(names) == 10
+    assert {n.split(" chains")[0] for n in names[6:]} == {"P4/nmm", "Pmma", "Cmcm", "Pbcm"}
+    assert full.md_mesh == (6, 6, 6) and full.pair_wall == 1.0 and full.relax_max_strain == 0.15

@@ -39,6 +39,7 @@ modes_per_q = 2
 strains = [0.01]
 mixed = 2
 polar_amplitudes = [0.15]
+rattled = 3                 # (24 by default: each is an ABINIT call of the initial set)
 [md]
 supercell = [1, 1, 1]
 phases = ["R"]

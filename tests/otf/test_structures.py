@@ -116,3 +116,22 @@ def test_chain_patterns_of_the_metastable_phases_join_the_initial_set(model):
         ref = model.supercell(PHASES[meta["phase"]][0])
         if len(PHASES[meta["phase"]][1]) == 1:    # one wave vector: the largest displacement is the amplitude
             assert np.linalg.norm(atoms.positions - ref.positions, axis=1).max() == pytest.approx(meta["amplitude"])
+
+
+def test_chain_backgrounds_are_the_metastable_patterns_tiled_on_2x2x2(model):
+    """The boundedness check's relaxations start from them ([fit] bound_chains): each is its phase's own pattern
+    repeated over the 2x2x2 cell; the uniform phases are left to the polar backgrounds."""
+    from sp_server.otf.structures import PHASES, chain_backgrounds, phase_displacements, phase_structure
+    backgrounds = chain_backgrounds(model, amplitudes=(0.1, 0.2))
+    assert [name for name, _ in backgrounds] == [f"{p} chains {a:g} A" for p in ("P4/nmm", "Pmma", "Cmcm", "Pbcm")
+                                                 for a in (0.1, 0.2)]
+    for name, u in backgrounds:
+        phase, amp = name.split(" chains ")[0], float(name.split()[-2])
+        own = PHASES[phase][0]
+        assert u.shape == (2, 2, 2, model.natoms, 3)
+        cell = (phase_structure(model, phase, amp).positions - model.supercell(own).positions).reshape(
+            tuple(own) + (model.natoms, 3))
+        tiled = np.tile(cell, tuple(2 // n for n in own) + (1, 1))
+        assert np.allclose(u, tiled, atol=1e-12) and np.abs(u).max() > 0
+    with pytest.raises(ValueError, match="not a multiple"):
+        phase_displacements(model, "Pbcm", 0.1, (1, 2, 2))
