@@ -2,7 +2,6 @@
 constrained fit keeps."""
 import numpy as np
 import pytest
-from scipy.optimize import minimize
 
 from sp_server.fit.bayes import SufficientStats, forward_selection
 from sp_server.fit.bound import BoundSettings, relaxation_probes
@@ -12,17 +11,25 @@ from sp_server.model import AnharmonicPart, Model
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_least_distance_matches_a_general_solver(seed):
+def test_least_distance_is_the_optimum_by_its_kkt_conditions(seed):
+    """min |z|^2 subject to E z >= f is convex: z is the optimum if and only if it is feasible and z = E_A^T lam
+    with lam >= 0 over the active rows A (Karush-Kuhn-Tucker).  A general solver (SLSQP) is no reference here: on
+    seed 1 it stops with "positive directional derivative" on some machines."""
     rng = np.random.default_rng(seed)
     n, m = 6, 9
     E = rng.normal(size=(m, n))
     f = rng.normal(size=m) + 0.5
     z = least_distance(E, f)
-    assert np.all(E @ z >= f - 1e-8)
-    ref = minimize(lambda x: x @ x, np.ones(n), jac=lambda x: 2 * x, method="SLSQP",
-                   constraints=[{"type": "ineq", "fun": lambda x: E @ x - f, "jac": lambda x: E}],
-                   options={"ftol": 1e-14, "maxiter": 500})
-    assert ref.success and z @ z == pytest.approx(ref.x @ ref.x, rel=1e-6)
+    slack = E @ z - f
+    assert np.all(slack >= -1e-8)
+    active = slack < 1e-8 * max(1.0, np.abs(f).max())
+    assert active.any() and np.linalg.norm(z) > 0          # f has positive entries: z = 0 is not feasible
+    lam, *_ = np.linalg.lstsq(E[active].T, z, rcond=None)
+    assert np.all(lam >= -1e-8) and np.allclose(E[active].T @ lam, z, atol=1e-8)
+    # and no feasible point nearby is shorter
+    for _ in range(200):
+        y = z + 1e-3 * rng.normal(size=n)
+        assert np.any(E @ y < f) or y @ y >= z @ z
 
 
 def test_least_distance_far_away_and_infeasible():
