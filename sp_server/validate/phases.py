@@ -96,12 +96,21 @@ def relax_phase(model: Model, calc, calc_name: str, name: str, *, fmax: float = 
 
 def metastable_phases(model: Model, calcs: dict, names=tuple(PHASES), *, log=print, progress=False, **kw) -> dict:
     """Every phase of ``names`` with every calculator of ``calcs`` (name -> ASE calculator): {phase: {calc:
-    Phase}}."""
+    Phase, or the error message (str) of a relaxation that failed}}.  A failure (e.g. a model relaxation that leaves
+    the model's range: a hole of the model along that phase's path) is logged and the other phases go on."""
     from tqdm.auto import tqdm
+    for name in names:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}: choose among {list(PHASES)}")
     out: dict = {}
     jobs = [(n, c) for n in names for c in calcs]
     for name, cname in tqdm(jobs, desc="metastable phases", disable=not progress, leave=False):
-        p = relax_phase(model, calcs[cname], cname, name, **kw)
+        try:
+            p = relax_phase(model, calcs[cname], cname, name, **kw)
+        except Exception as exc:    # noqa: BLE001 - one phase's failure is a result; the others go on
+            out.setdefault(name, {})[cname] = f"{type(exc).__name__}: {exc}"
+            log(f"phase {name} with {cname}: FAILED ({type(exc).__name__}: {exc})")
+            continue
         out.setdefault(name, {})[cname] = p
         log(f"phase {name} with {cname}: {p.space_group}, E - E_cubic {p.energy_mev:.2f} meV/cell, B-site "
             f"{p.b_site:.3f} A ({p.steps} steps, {p.seconds:.1f} s{'' if p.converged else ', NOT converged'}"

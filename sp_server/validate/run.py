@@ -184,14 +184,17 @@ def _item_metastable(ctx: _Context) -> dict:
     from .phases import metastable_phases
     res = metastable_phases(ctx.model, ctx.calcs, ctx.settings.metastable, log=ctx.log, progress=ctx.progress,
                             fmax=ctx.settings.metastable_fmax)
-    data = {ph: {n: p.as_dict() for n, p in by.items()} for ph, by in res.items()}
+    # a relaxation that failed is {"error": message}: its row says so, the other phases are reported as usual
+    data = {ph: {n: {"error": p} if isinstance(p, str) else p.as_dict() for n, p in by.items()}
+            for ph, by in res.items()}
     names = list(ctx.calcs)
     with open(ctx.out / "metastable.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["phase"] + [f"{n}_{k}" for n in names for k in ("space_group", "energy_meV_per_cell",
                                                                       "b_site_A", "volume_A3_per_cell")])
         for ph, by in data.items():
-            w.writerow([ph] + [by[n][k] for n in names for k in ("space_group", "energy_mev", "b_site", "volume")])
+            w.writerow([ph] + [by[n].get(k, "failed" if k == "space_group" else "") for n in names
+                               for k in ("space_group", "energy_mev", "b_site", "volume")])
     _plot_metastable(data, names, ctx.out / "metastable.png")
     return data
 
@@ -339,8 +342,8 @@ def _plot_metastable(data: dict, names: list, path: Path):
     width = 0.8 / len(names)
     x = np.arange(len(phases))
     for k, n in enumerate(names):
-        ax.bar(x + k * width, [data[p][n]["energy_mev"] for p in phases], width, label=n)
-        bx.bar(x + k * width, [data[p][n]["b_site"] for p in phases], width, label=n)
+        ax.bar(x + k * width, [data[p][n].get("energy_mev", np.nan) for p in phases], width, label=n)
+        bx.bar(x + k * width, [data[p][n].get("b_site", np.nan) for p in phases], width, label=n)
     for a, label in ((ax, "E - E_cubic (meV / 5-atom cell)"), (bx, "largest B-site displacement (A)")):
         a.set_xticks(x + width * (len(names) - 1) / 2)
         a.set_xticklabels(phases, fontsize=8)
@@ -432,13 +435,20 @@ def _section_metastable(data: dict) -> list:
     head += [f"B-site {n} (A)" for n in names] + ["space group (model)"]
     lines = ["## Metastable phases (Table 2, Fig. 3; relaxed under symmetry)", "", "![metastable](metastable.png)",
              "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    failed = []
     for ph, by in data.items():
         m = by["model"]
-        row = [ph, "x".join(map(str, m["supercell"]))] + [_fmt(by[n]["energy_mev"], ".2f") for n in names]
-        row += [_fmt(abs(m["energy_mev"] - by[n]["energy_mev"]), ".2f") for n in others]
-        row += [_fmt(by[n]["b_site"], ".3f") for n in names]
-        row += [m["space_group"] + ("" if m["kept_symmetry"] else " (collapsed)")]
+        energy = {n: by[n].get("energy_mev", np.nan) for n in names}
+        row = [ph, "x".join(map(str, PHASES[ph][0]))] + [_fmt(energy[n], ".2f") for n in names]
+        row += [_fmt(abs(energy["model"] - energy[n]), ".2f") for n in others]
+        row += [_fmt(by[n].get("b_site", np.nan), ".3f") for n in names]
+        row += ["relaxation FAILED" if "error" in m else m["space_group"] + ("" if m["kept_symmetry"] else
+                                                                               " (collapsed)")]
         lines.append("| " + " | ".join(row) + " |")
+        failed += [f"- {ph} with {n}: {by[n]['error']}" for n in names if "error" in by[n]]
+    if failed:
+        lines += ["", "Relaxations that failed (a model relaxation that leaves the model's range is a hole of the "
+                  "model along that phase's path):", *failed]
     lines += ["", "Mode amplitudes (norm of each wave vector's component of the relaxed displacements, A) are in "
               "results.json (`amplitudes`).", ""]
     return lines

@@ -81,3 +81,43 @@ def test_relaxed_phases_of_the_toy(toy):
     assert abs(p4nmm.energy_mev) < 1e-3
     with pytest.raises(ValueError, match="unknown phase"):
         relax_phase(toy, calc, "model", "Pnma")
+
+
+def test_a_failed_relaxation_is_reported_and_the_other_phases_go_on(toy, tmp_path):
+    """A model relaxation that leaves the model's range (a hole along that phase's path: a rebuilt BaTiO3 model's
+    P4/nmm ran to 25% strain) is that phase's result, named in the table; the other phases are reported."""
+    from ase.calculators.calculator import Calculator, all_changes
+
+    from sp_server.model.mapping import MappingError
+    from sp_server.validate.phases import metastable_phases
+    from sp_server.validate.run import _item_metastable, _section_metastable
+
+    class HoleOnM(Calculator):
+        implemented_properties = ["energy", "forces", "stress"]
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model_calculator(toy)
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            if len(atoms) == 4 * toy.natoms:       # the 2x2x1 cells of P4/nmm and Pbcm
+                raise MappingError("cell cannot be mapped: strain component 0.256 exceeds max_strain=0.25")
+            self.inner.calculate(atoms, properties, system_changes)
+            self.results = dict(self.inner.results)
+
+    logs = []
+    calcs = {"model": HoleOnM(), "other": model_calculator(toy)}
+    res = metastable_phases(toy, calcs, ("P4/nmm", "R3m"), log=logs.append)
+    assert isinstance(res["P4/nmm"]["model"], str) and "0.256" in res["P4/nmm"]["model"]
+    assert res["P4/nmm"]["other"].phase == "P4/nmm" and res["R3m"]["model"].kept_symmetry
+    assert any("P4/nmm with model: FAILED (MappingError" in m for m in logs)
+
+    from types import SimpleNamespace
+    ctx = SimpleNamespace(model=toy, calcs=calcs, log=logs.append, progress=False, out=tmp_path,
+                          settings=SimpleNamespace(metastable=("P4/nmm", "R3m"), metastable_fmax=2e-3))
+    data = _item_metastable(ctx)
+    assert data["P4/nmm"]["model"] == {"error": res["P4/nmm"]["model"]}
+    text = "\n".join(_section_metastable(data))
+    assert "| P4/nmm | 2x2x1 | - |" in text and "relaxation FAILED" in text and "- P4/nmm with model: MappingError" in text
+    assert (tmp_path / "metastable.png").stat().st_size > 0
+    assert "P4/nmm,failed" in (tmp_path / "metastable.csv").read_text()
