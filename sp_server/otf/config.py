@@ -244,7 +244,7 @@ class OtfConfig:
                 out.append(f"{name} {list(mesh)} is larger than the harmonic part's [harmonic] supercell {harm}: its "
                            "force constants are Wigner-Seitz interpolated on those cells, which the anharmonic terms "
                            "cannot correct (BaTiO3 with CHGNet, 4x4x4 cells, 0.03 A random displacements: force error "
-                           "0.12 eV/A from a 2x2x2 harmonic part, 0.08 from a 4x4x4 one; docs/otf.md)")
+                           "0.12 eV/A from a 2x2x2 harmonic part, 0.075 from a 4x4x4 one; docs/otf.md)")
         return out
 
     def check(self, where: str):
