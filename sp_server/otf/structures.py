@@ -148,16 +148,18 @@ PHASES = {
 def phase_structure(model: Model, name: str, amplitude: float = 0.1) -> Atoms:
     """The reference supercell of the phase ``name`` (a key of :data:`PHASES`) with its pattern: every component
     ``p_i cos(2 pi q.L)`` along d with largest atomic displacement ``amplitude`` (A)."""
-    mesh = PHASES[name][0] if name in PHASES else None
-    return configuration(model, mesh, phase_displacements(model, name, amplitude, mesh))
+    u = phase_displacements(model, name, amplitude)
+    return configuration(model, PHASES[name][0], u)
 
 
-def phase_displacements(model: Model, name: str, amplitude: float, mesh) -> np.ndarray:
+def phase_displacements(model: Model, name: str, amplitude: float, mesh=None) -> np.ndarray:
     """(n_cells, nat, 3) A: the pattern of the phase ``name`` (see :func:`phase_structure`) on the supercell
-    ``mesh``, which must be a multiple of the phase's own (e.g. 2x2x2 for all of :data:`PHASES`)."""
+    ``mesh`` (None: the phase's own), which must be a multiple of the phase's own (e.g. 2x2x2 for all of
+    :data:`PHASES`)."""
     if name not in PHASES:
         raise ValueError(f"unknown phase {name!r}: choose among {list(PHASES)}")
     own, comps = PHASES[name]
+    mesh = own if mesh is None else mesh
     if any(int(n) % m for n, m in zip(mesh, own)):
         raise ValueError(f"phase {name}: supercell {tuple(mesh)} is not a multiple of its own {own}")
     cells = _cells(mesh)
