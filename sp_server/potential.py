@@ -6,6 +6,7 @@ Units: eV, Angstrom; stress eV/A^3 with ASE's sign (sigma = 1/V dE/d eps) and Vo
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -16,6 +17,7 @@ from .kernels.ewald import dipole_dipole_kgrid
 from .kernels.harmonic import HarmonicOperator, fold_ifc_kgrid
 from .model.mapping import Frame, FrameMapper, matrix_from_voigt, stress_voigt, symmetric_from_voigt
 from .model.model import Model
+from .threads import one_blas_thread
 
 #: supercells with at least this many cells are evaluated with Numba threads
 PARALLEL_MIN_CELLS = 64
@@ -27,7 +29,9 @@ PARTS = ("short_range", "dipole_dipole", "elastic", "strain_phonon", "anharmonic
 class Evaluation:
     """Result in the model frame.  energy: eV (reference energy included);  grad_u: dE/du (n1,n2,n3,nat,3) eV/A;
     grad_eta: dE/d eta (6) eV;  parts: energy of each part, eV.  With design rows: tau (nz), grad_u_rows
-    (nz, n1,n2,n3,nat,3), grad_eta_rows (nz, 6) of each anharmonic coefficient at unit value."""
+    (nz, n1,n2,n3,nat,3), grad_eta_rows (nz, 6) of each anharmonic coefficient at unit value.  With error rows
+    (the compact form the Bayesian errors need): tau, grad_eta_rows, force_rows (nz, ncell * nat, 3) = d tau / d u
+    (a buffer the potential reuses: copy it to keep it) and virial_rows (nz, 3, 3) = sum_i d tau / d u_i (x) u_i."""
 
     energy: float
     grad_u: np.ndarray
@@ -36,6 +40,9 @@ class Evaluation:
     tau: Optional[np.ndarray] = None
     grad_u_rows: Optional[np.ndarray] = None
     grad_eta_rows: Optional[np.ndarray] = None
+    force_rows: Optional[np.ndarray] = None
+    virial_rows: Optional[np.ndarray] = None
+    error_seconds: float = 0.0   # wall time of the error rows
 
 
 def _check_parts(parts):
@@ -87,6 +94,8 @@ class SupercellPotential:
         self._has_strain = np.diff(self.terms.ts_ptr) > 0
         self._neigh = self.terms.neighbour_table(self.mesh)
         self._work = (np.empty((self.ncell, len(self.terms.bonds))), np.empty((self.ncell, len(self.terms.bonds))))
+        self._rows_buffer = None
+        self._bond_rows = None   # made on the first frame with Bayesian errors
         self.set_values(model.anharmonic.values)
 
     def set_values(self, values):
@@ -97,8 +106,10 @@ class SupercellPotential:
         self.values = values
         self._t_scale = values[self.terms.t_coef] * self.terms.t_weight
 
-    def evaluate(self, u: np.ndarray, eta: np.ndarray, *, design: bool = False) -> Evaluation:
-        """u: (n1, n2, n3, nat, 3) Angstrom; eta: (6,) Voigt strain (engineering shear)."""
+    def evaluate(self, u: np.ndarray, eta: np.ndarray, *, design: bool = False, error_rows: bool = False
+                 ) -> Evaluation:
+        """u: (n1, n2, n3, nat, 3) Angstrom; eta: (6,) Voigt strain (engineering shear).  design: the full design
+        rows; error_rows: the compact rows of the Bayesian errors (see :class:`Evaluation`)."""
         model = self.model
         nat = model.natoms
         u = np.ascontiguousarray(u, dtype=float).reshape(self.mesh + (nat, 3))
@@ -119,7 +130,8 @@ class SupercellPotential:
             parts["strain_phonon"] = float(np.einsum("iav,ia,v->", h.internal_strain, usum, eta))
             grad_u += np.einsum("iav,v->ia", h.internal_strain, eta)
             grad_eta += np.einsum("iav,ia->v", h.internal_strain, usum)
-        tau = gu_rows = ge_rows = None
+        tau = gu_rows = ge_rows = f_rows = v_rows = None
+        t_rows = 0.0
         t = self.terms
         if "anharmonic" in self.parts and t.ncoef:
             sp, dsp = _anh.strain_products(eta, t.ts_ptr, t.ts_voigt, t.ts_power)
@@ -130,10 +142,22 @@ class SupercellPotential:
             if design:
                 tau, ge_rows, gu_rows = _anh.design_rows(delta, t, self._neigh, sp, dsp, self._has_strain, self.mesh,
                                                          self.parallel)
+            elif error_rows:
+                t_rows = time.perf_counter()
+                if self._bond_rows is None:
+                    self._bond_rows = t.bond_rows(self._neigh)
+                tau, ge_rows, v_rows, f_rows = _anh.error_rows(u, delta, t, self._neigh, sp, dsp, self._has_strain,
+                                                               self.parallel, out=self._rows_buffer,
+                                                               bond_rows=self._bond_rows)
+                self._rows_buffer = f_rows
+                t_rows = time.perf_counter() - t_rows
         elif design:
             tau, ge_rows, gu_rows = np.zeros(t.ncoef), np.zeros((t.ncoef, 6)), np.zeros((t.ncoef,) + u.shape)
+        elif error_rows:
+            tau, ge_rows, v_rows = np.zeros(t.ncoef), np.zeros((t.ncoef, 6)), np.zeros((t.ncoef, 3, 3))
+            f_rows = np.zeros((t.ncoef, self.ncell * nat, 3))
         energy = self.ncell * model.reference.energy + sum(parts.values())
-        return Evaluation(energy, grad_u, grad_eta, parts, tau, gu_rows, ge_rows)
+        return Evaluation(energy, grad_u, grad_eta, parts, tau, gu_rows, ge_rows, f_rows, v_rows, t_rows)
 
 
 def _sylvester_adjoint(stretch: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -146,12 +170,18 @@ def _sylvester_adjoint(stretch: np.ndarray, h: np.ndarray) -> np.ndarray:
 def strain_derivative(frame: Frame, grad_u: np.ndarray, grad_eta: np.ndarray) -> np.ndarray:
     """dE/d eps (3x3, eV) for a homogeneous deformation (1 + eps) of the engine's cell and positions, in the
     model (unrotated) frame.  Derivation: docs/theory.md, "stress".  Works on stacks (leading axes) too."""
-    U = frame.stretch
     g = grad_u.reshape(grad_u.shape[:-5] + (-1, 3))
+    return strain_derivative_virial(frame, np.einsum("...ia,ib->...ab", g, frame.u.reshape(-1, 3)), grad_eta)
+
+
+def strain_derivative_virial(frame: Frame, virial: np.ndarray, grad_eta: np.ndarray) -> np.ndarray:
+    """dE/d eps as :func:`strain_derivative`, from the virial sum_i dE/du_i (x) u_i (3x3 eV, model frame;
+    stacks too) instead of dE/du."""
+    U = frame.stretch
     G = symmetric_from_voigt(grad_eta)  # G_23 = dE/d eta_4 (engineering shear)
     # with x' = (1 + eps) x and the stretch U -> U + dU (U dU + dU U = 2 U eps U), u changes by dU U^-1 u,
     # so dE = dU : H with H = G + sum_i g_i (x) U^-1 u_i, and dE/d eps = 2 U L(sym H) U (L: Sylvester inverse)
-    H = G + np.einsum("...ia,ib->...ab", g, frame.u.reshape(-1, 3) @ np.linalg.inv(U))
+    H = G + np.asarray(virial) @ np.linalg.inv(U)
     Hs = 0.5 * (H + np.swapaxes(H, -1, -2))
     return 2.0 * U @ _sylvester_adjoint(U, Hs) @ U
 
@@ -171,6 +201,7 @@ class FrameResult:
     phi_forces: Optional[np.ndarray] = None
     phi_stress: Optional[np.ndarray] = None
     errors: Optional[dict] = None  # Bayesian errors (see sp_server.model.posterior) when the model has a posterior
+    error_seconds: float = 0.0     # the share of this evaluation's wall time that the Bayesian errors took
 
 
 class Evaluator:
@@ -194,11 +225,15 @@ class Evaluator:
     def evaluate(self, cell, positions, numbers, *, design: bool = False, errors: bool = False) -> FrameResult:
         """cell: (3, 3) rows, Angstrom; positions (N, 3) Angstrom; numbers (N,).  Engine frame in, engine frame out.
 
-        design: also return the design rows; errors: also the Bayesian errors (needs a model with a posterior)."""
+        design: also return the design rows; errors: also the Bayesian errors (needs a model with a posterior).
+        BLAS runs on one thread meanwhile (:func:`sp_server.threads.one_blas_thread`)."""
+        with one_blas_thread():
+            return self._evaluate(cell, positions, numbers, design=design, errors=errors)
+
+    def _evaluate(self, cell, positions, numbers, *, design: bool, errors: bool) -> FrameResult:
         errors = errors and self.model.posterior is not None
-        design = design or errors
         frame = self.mapper.map(cell, positions, numbers)
-        ev = self.potential(frame.mesh).evaluate(frame.u, frame.eta, design=design)
+        ev = self.potential(frame.mesh).evaluate(frame.u, frame.eta, design=design, error_rows=errors and not design)
         R = frame.rotation
         n = len(frame.order)
         forces = np.empty((n, 3))
@@ -213,11 +248,18 @@ class Evaluator:
             result.phi_forces = phi_f
             sig = R @ strain_derivative(frame, ev.grad_u_rows, ev.grad_eta_rows) @ R.T / frame.volume
             result.phi_stress = stress_voigt(sig).reshape(nz, 6)
-        if errors:
-            result.errors = self.model.posterior.errors(result.phi_energy, result.phi_forces, result.phi_stress,
-                                                        len(frame.order) // self.model.natoms)
+        ncell = len(frame.order) // self.model.natoms
+        if errors and design:
+            result.errors = self.model.posterior.errors(result.phi_energy, result.phi_forces, result.phi_stress, ncell)
+        elif errors:
+            t0 = time.perf_counter()
+            sig = R @ strain_derivative_virial(frame, ev.virial_rows, ev.grad_eta_rows) @ R.T / frame.volume
+            result.errors = self.model.posterior.errors_from_rows(ev.tau, ev.force_rows, stress_voigt(sig).reshape(
+                -1, 6), R, ncell)
+            result.error_seconds = ev.error_seconds + time.perf_counter() - t0
         return result
 
 
 __all__ = ["PARTS", "Evaluation", "Evaluator", "FrameResult", "SupercellPotential", "strain_derivative",
+           "strain_derivative_virial",
            "matrix_from_voigt"]

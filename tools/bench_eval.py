@@ -5,7 +5,7 @@ Model: the toy perovskite's harmonic part (short range + dipole-dipole by Ewald,
 symmetry-adapted anharmonic coefficients of order 3..6 (some with strain) generated from random seed monomials
 over the atom pairs within 2.89 A (the paper's cutoff: Ti-O, Ba-O and O-O neighbours), orbits under Pm-3m.
 Or any model file (``--model``; e.g. the shipped BaTiO3 model): with a posterior it also times the Bayesian
-errors (what the force server adds to every frame unless ``--error-stride`` thins them).
+errors (what the force server adds to every frame unless ``--error-stride`` thins them), and their share.
 Prints a table (atom-evaluations per second) and the command that made it.
 
     python tools/bench_eval.py [--sizes 2 4 6 8 12 16] [--repeat 5] [--threads N] [--model MODEL.h5]
@@ -70,13 +70,18 @@ def benchmark_model(ncoef=100, cutoff=2.89, seed=0):
 
 
 def timeit(fn, repeat):
-    fn()  # warm-up (compilation, caches)
+    """(median, min, max) seconds over ``repeat`` calls after a warm-up (compilation, caches)."""
+    fn()
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return float(np.median(ts)), min(ts), max(ts)
+
+
+def spread(t):
+    return f"{1e3 * t[0]:.1f} ({1e3 * t[1]:.1f}-{1e3 * t[2]:.1f})"
 
 
 def main(argv=None):
@@ -102,9 +107,13 @@ def main(argv=None):
           f"{'on' if model.harmonic.born_charges is not None else 'off'}; numba threads {numba.get_num_threads()}; "
           f"{platform.processor() or platform.machine()}")
     print(f"# command: {' '.join([sys.executable.split('/')[-1], 'tools/bench_eval.py'] + (argv or sys.argv[1:]))}")
-    print(f"{'cells':>8} {'atoms':>7} {'setup s':>8} {'E+F+S ms':>9} {'atom-evals/s':>13}"
-          + ("" if args.no_design else f" {'+design ms':>11} {'atom-evals/s':>13}")
-          + (f" {'+errors ms':>11}" if errors else ""))
+    print("# ms per frame: median (min-max) of --repeat calls.  +errors: energy, forces, stress and the Bayesian errors "
+          "(sp_server.kernels.anharmonic.error_rows: one sweep, then one product with the posterior's factor); "
+          "error share: what the errors add, relative to E+F+S; via design rows: the same errors from the full "
+          "design rows (the fit's path, the server's before issue 17)")
+    print(f"{'cells':>8} {'atoms':>7} {'setup s':>8} {'E+F+S ms':>20} {'atom-evals/s':>13}"
+          + (f" {'+errors ms':>22} {'error share':>11}" if errors else "")
+          + ("" if args.no_design else f" {'via design rows ms':>22}"))
     ev = Evaluator(model)
     rng = np.random.default_rng(1)
     for n in args.sizes:
@@ -116,15 +125,14 @@ def main(argv=None):
         setup = time.perf_counter() - t0
         cell, pos, num = atoms.cell.array, atoms.positions, atoms.numbers
         t_e = timeit(lambda: ev.evaluate(cell, pos, num), args.repeat)
-        row = f"{n}^3".rjust(8) + f" {len(atoms):7d} {setup:8.2f} {1e3 * t_e:9.2f} {len(atoms) / t_e:13.3g}"
-        if not args.no_design:
-            t_d = timeit(lambda: ev.evaluate(cell, pos, num, design=True), max(1, args.repeat // 2))
-            row += f" {1e3 * t_d:11.2f} {len(atoms) / t_d:13.3g}"
+        row = f"{n}^3".rjust(8) + f" {len(atoms):7d} {setup:8.2f} {spread(t_e):>20} {len(atoms) / t_e[0]:13.3g}"
         if errors:
-            t_b = timeit(lambda: ev.evaluate(cell, pos, num, errors=True), max(1, args.repeat // 2))
-            row += f" {1e3 * t_b:11.2f}"
+            t_b = timeit(lambda: ev.evaluate(cell, pos, num, errors=True), args.repeat)
+            row += f" {spread(t_b):>22} {100 * (t_b[0] - t_e[0]) / t_e[0]:10.0f}%"
+        if not args.no_design:
+            t_d = timeit(lambda: ev.evaluate(cell, pos, num, design=True, errors=errors), max(1, args.repeat // 2))
+            row += f" {spread(t_d):>22}"
         print(row, flush=True)
-
 
 if __name__ == "__main__":
     main()

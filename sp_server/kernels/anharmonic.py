@@ -128,6 +128,16 @@ class CompiledTerms:
                     "supercell (both are the same periodic image); use a supercell at least as large as the "
                     "term's range")
 
+    def bond_rows(self, neigh) -> tuple:
+        """For every cell c and bond b: the flat force-component index 3 * atom + direction of the bond's first
+        (row_a) and second (row_b) atom in the supercell of neighbour table ``neigh``, (ncell, nb) int32 each."""
+        if neigh.size and neigh.shape[0] * self.nat * 3 >= 2 ** 31:
+            raise ValueError("supercell too large for 32-bit force-component indices")
+        b = self.bond_idx
+        row_a = 3 * (neigh[:, b[:, 1]] * self.nat + b[None, :, 0]) + b[None, :, 4]
+        row_b = 3 * (neigh[:, b[:, 3]] * self.nat + b[None, :, 2]) + b[None, :, 4]
+        return np.ascontiguousarray(row_a, dtype=np.int32), np.ascontiguousarray(row_b, dtype=np.int32)
+
     def neighbour_table(self, mesh) -> np.ndarray:
         """(ncell, no): flat index (C order) of cell c + offsets[o], wrapped into the n1 x n2 x n3 supercell."""
         n = np.array(mesh)
@@ -366,3 +376,146 @@ def design_rows(delta, terms: CompiledTerms, neigh, sp, dsp, has_strain, mesh, p
     fn(delta, terms.nat, neigh, terms.bond_idx, terms.t_weight, sp, dsp, has_strain, terms.tf_ptr, terms.tf_lbond, terms.tf_power,
        terms.z_tptr, terms.z_bptr, terms.z_bonds, terms.maxf, terms.maxp, tau, geta, gu)
     return tau, geta, gu.reshape((nz,) + tuple(mesh) + (terms.nat, 3))
+
+
+#: coefficients per block of the error rows (their rows stay in cache while the cells are swept)
+ERROR_BLOCK = 8
+
+
+def _error_blocks(terms: CompiledTerms, block: int):
+    """Blocks of ``block`` consecutive coefficients: the union of their bonds (global indices, blk_bonds[
+    blk_bptr[k]:blk_bptr[k+1]]) and, for every factor of every term, the index of its bond in that union
+    (tf_blbond).  Cached on ``terms``."""
+    key = ("_error_blocks", block)
+    cached = getattr(terms, "_cache", {}).get(key)
+    if cached is not None:
+        return cached
+    nz = terms.ncoef
+    z_edges = np.arange(0, nz + block, block).clip(max=nz)
+    z_edges = np.unique(z_edges)
+    blk_bptr, blk_bonds = [0], []
+    tf_blbond = np.zeros(len(terms.tf_bond), dtype=np.int64)
+    for z0, z1 in zip(z_edges[:-1], z_edges[1:]):
+        f0, f1 = terms.tf_ptr[terms.z_tptr[z0]], terms.tf_ptr[terms.z_tptr[z1]]
+        union, local = np.unique(terms.tf_bond[f0:f1], return_inverse=True)
+        tf_blbond[f0:f1] = local
+        blk_bonds.extend(union.tolist())
+        blk_bptr.append(len(blk_bonds))
+    out = (z_edges.astype(np.int64), np.array(blk_bptr, dtype=np.int64), np.array(blk_bonds, dtype=np.int64),
+           tf_blbond)
+    if not hasattr(terms, "_cache"):
+        object.__setattr__(terms, "_cache", {})
+    terms._cache[key] = out
+    return out
+
+
+@njit(cache=True)
+def _error_rows_blocks(delta, row_a, row_b, s_t, tf_ptr, tf_blbond, tf_lbond, tf_power, z_tptr, z_bptr, z_bonds,
+                       maxp, z_edges, blk_bptr, blk_bonds, k0, k1, psum, rows):
+    """Blocks k0..k1-1 of coefficients (their rows only: blocks never write the same memory).  Per term the sum
+    over cells of its displacement product (psum), per coefficient the force rows d tau_z / d u (rows, (nz, ncell *
+    nat * 3)).
+
+    Block by block, the cells are swept once: the powers of the block's bond values are tabulated per cell, each
+    coefficient's terms add their gradient to its own bonds (tf_lbond), which is scattered to the two atoms of each
+    bond.  A block's rows (a few hundred kB on a 12^3 cell) stay in cache while the sweep writes them in cell order."""
+    ncell = delta.shape[0]
+    maxu, maxb = 1, 1
+    for k in range(k0, k1):
+        maxu = max(maxu, blk_bptr[k + 1] - blk_bptr[k])
+    for z in range(z_edges[k0], z_edges[k1]):
+        maxb = max(maxb, z_bptr[z + 1] - z_bptr[z])
+    pw = np.empty((maxu, maxp + 1))
+    hz = np.empty(maxb)
+    for k in range(k0, k1):
+        u0, nu = blk_bptr[k], blk_bptr[k + 1] - blk_bptr[k]
+        for c in range(ncell):
+            for lb in range(nu):
+                x = delta[c, blk_bonds[u0 + lb]]
+                acc = 1.0
+                pw[lb, 0] = 1.0
+                for q in range(1, maxp + 1):
+                    acc *= x
+                    pw[lb, q] = acc
+            for z in range(z_edges[k], z_edges[k + 1]):
+                b0 = z_bptr[z]
+                nbz = z_bptr[z + 1] - b0
+                for lb in range(nbz):
+                    hz[lb] = 0.0
+                for t in range(z_tptr[z], z_tptr[z + 1]):
+                    f0 = tf_ptr[t]
+                    nf = tf_ptr[t + 1] - f0
+                    st = s_t[t]
+                    if nf == 1:
+                        lb0, p0 = tf_blbond[f0], tf_power[f0]
+                        psum[t] += pw[lb0, p0]
+                        hz[tf_lbond[f0]] += st * p0 * pw[lb0, p0 - 1]
+                    elif nf == 2:
+                        lb0, p0 = tf_blbond[f0], tf_power[f0]
+                        lb1, p1 = tf_blbond[f0 + 1], tf_power[f0 + 1]
+                        v0, v1 = pw[lb0, p0], pw[lb1, p1]
+                        psum[t] += v0 * v1
+                        hz[tf_lbond[f0]] += st * v1 * p0 * pw[lb0, p0 - 1]
+                        hz[tf_lbond[f0 + 1]] += st * v0 * p1 * pw[lb1, p1 - 1]
+                    else:
+                        prod = 1.0
+                        for q in range(nf):
+                            prod *= pw[tf_blbond[f0 + q], tf_power[f0 + q]]
+                        psum[t] += prod
+                        for q in range(nf):
+                            lq, p = tf_blbond[f0 + q], tf_power[f0 + q]
+                            others = 1.0
+                            for m in range(nf):
+                                if m != q:
+                                    others *= pw[tf_blbond[f0 + m], tf_power[f0 + m]]
+                            hz[tf_lbond[f0 + q]] += st * others * p * pw[lq, p - 1]
+                for lb in range(nbz):
+                    h = hz[lb]
+                    if h == 0.0:
+                        continue
+                    b = z_bonds[b0 + lb]
+                    rows[z, row_a[c, b]] += h
+                    rows[z, row_b[c, b]] -= h
+
+
+@njit(parallel=True, cache=True)
+def _error_rows_parallel(delta, row_a, row_b, s_t, tf_ptr, tf_blbond, tf_lbond, tf_power, z_tptr, z_bptr, z_bonds,
+                         maxp, z_edges, blk_bptr, blk_bonds, psum, rows):
+    for k in prange(len(z_edges) - 1):
+        _error_rows_blocks(delta, row_a, row_b, s_t, tf_ptr, tf_blbond, tf_lbond, tf_power, z_tptr, z_bptr, z_bonds,
+                           maxp, z_edges, blk_bptr, blk_bonds, k, k + 1, psum, rows)
+
+
+def error_rows(u, delta, terms: CompiledTerms, neigh, sp, dsp, has_strain, parallel: bool, out=None,
+               bond_rows=None):
+    """What the Bayesian errors of a frame need, in one sweep and without the per-coefficient recomputation of
+    :func:`design_rows`: tau (nz,), d tau / d eta (nz, 6), the virial rows sum_i d tau_z / d u_i (x) u_i
+    (nz, 3, 3) eV, and the force rows d tau / d u (nz, ncell * nat, 3).  ``delta``: the bond values that
+    :func:`energy_grad` returned for the same u.  ``out``: a (nz, ncell * nat, 3) buffer to reuse (zeroed here;
+    a fresh 30-80 MB array costs page faults on every call); ``bond_rows``: ``terms.bond_rows(neigh)``, made
+    once per supercell by the caller.  Units: eV, Angstrom."""
+    nz = terms.ncoef
+    ncell = delta.shape[0]
+    psum = np.zeros(terms.nterms)
+    shape = (nz, ncell * terms.nat, 3)
+    if out is None or out.shape != shape:
+        out = np.zeros(shape)
+    else:
+        out[...] = 0.0
+    z_edges, blk_bptr, blk_bonds, tf_blbond = _error_blocks(terms, ERROR_BLOCK)
+    row_a, row_b = bond_rows if bond_rows is not None else terms.bond_rows(neigh)
+    args = (delta, row_a, row_b, terms.t_weight * sp, terms.tf_ptr, tf_blbond, terms.tf_lbond, terms.tf_power,
+            terms.z_tptr, terms.z_bptr, terms.z_bonds, terms.maxp, z_edges, blk_bptr, blk_bonds)
+    flat = out.reshape(nz, -1)
+    if nz:
+        if parallel and len(z_edges) > 2:
+            _error_rows_parallel(*args, psum, flat)
+        else:
+            _error_rows_blocks(*args, 0, len(z_edges) - 1, psum, flat)
+    wp = terms.t_weight * psum
+    tau = np.bincount(terms.t_coef, weights=wp * sp, minlength=nz)
+    geta = np.zeros((nz, 6))
+    np.add.at(geta, terms.t_coef, (wp * has_strain)[:, None] * dsp)
+    # sum_i d tau_z / d u_i (x) u_i: one batched product (in the sweep it cost as much as the rows themselves)
+    vir = np.matmul(out.transpose(0, 2, 1), np.ascontiguousarray(u).reshape(-1, 3))
+    return tau, geta, vir, out

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..threads import matmul
 from ..units import GPA_EV_A3
 
 #: the quantities a threshold can apply to, with their units
@@ -77,25 +78,60 @@ class Posterior:
             if k not in self.scales:
                 raise ValueError(f"posterior scales: missing {k!r}")
         self._chol = None
+        self._chol_t = None
 
     @property
     def ncoef(self) -> int:
         return self.covariance.shape[0]
 
     def _factor(self):
+        """L with Sigma = L L^T, (nz, r): the eigenvectors times the square roots of the positive eigenvalues.
+        Directions of zero variance (the bounding terms, which the constraints set) are dropped: exact, and
+        fewer columns for every frame's product."""
         if self._chol is None:
             w, v = np.linalg.eigh(0.5 * (self.covariance + self.covariance.T))
-            self._chol = v * np.sqrt(np.clip(w, 0.0, None))  # Sigma = L L^T
+            keep = w > 1e-14 * max(float(w.max(initial=0.0)), 1e-300)
+            self._chol = np.ascontiguousarray(v[:, keep] * np.sqrt(w[keep]))  # Sigma = L L^T
         return self._chol
+
+    def _factor_t(self):
+        """L^T, contiguous (the left operand of every frame's product), cached."""
+        if self._chol_t is None:
+            self._chol_t = np.ascontiguousarray(self._factor().T)
+        return self._chol_t
 
     def errors(self, phi_energy, phi_forces, phi_stress, ncell: int) -> dict:
         """Bayesian errors of one structure from its design rows (physical units, as FrameResult gives them)."""
         L = self._factor()
         e_std = float(np.sqrt(np.sum((np.asarray(phi_energy) @ L) ** 2)))
-        pf = np.asarray(phi_forces).reshape(self.ncoef, -1).T @ L  # (3N, nz)
+        pf = np.asarray(phi_forces).reshape(self.ncoef, -1).T @ L  # (3N, r)
         f_std = np.sqrt(np.sum(pf ** 2, axis=1))
         ps = np.asarray(phi_stress).reshape(self.ncoef, 6).T @ L
         s_std = np.sqrt(np.sum(ps ** 2, axis=1)) / GPA_EV_A3
+        return self._summary(e_std, f_std, s_std, ncell)
+
+    def errors_from_rows(self, tau, force_rows, phi_stress, rotation, ncell: int) -> dict:
+        """The same errors, exactly, from the compact rows of a frame (:func:`sp_server.kernels.anharmonic.
+        error_rows`): tau (nz,) eV, force_rows (nz, N, 3) d tau / d u in the model frame and any atom order (eV/A),
+        phi_stress (nz, 6) in the engine frame (eV/A^3), rotation R (model frame -> engine frame).
+
+        One product L^T rows ((r, nz) x (nz, 3N)) instead of the design rows in the engine's frame and atom
+        order: the force components are rotated after the product, on r rows instead of nz."""
+        L = self._factor()
+        e_std = float(np.sqrt(np.sum((np.asarray(tau) @ L) ** 2)))
+        rows = np.asarray(force_rows)
+        nz = self.ncoef
+        y = matmul(self._factor_t(), rows.reshape(nz, -1)).reshape(L.shape[1], -1, 3)   # (r, N, 3); sign irrelevant
+        R = np.asarray(rotation, dtype=float)
+        if not np.allclose(R, np.eye(3), rtol=0.0, atol=1e-14):
+            y = y @ R.T
+        f_std = np.sqrt(np.einsum("rna,rna->na", y, y)).ravel()
+        ps = np.asarray(phi_stress).reshape(nz, 6).T @ L
+        s_std = np.sqrt(np.sum(ps ** 2, axis=1)) / GPA_EV_A3
+        return self._summary(e_std, f_std, s_std, ncell)
+
+    @staticmethod
+    def _summary(e_std, f_std, s_std, ncell) -> dict:
         return {
             "energy_mev_per_cell": 1000.0 * e_std / ncell,
             "force_max": float(f_std.max()) if f_std.size else 0.0,

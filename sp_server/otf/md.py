@@ -26,6 +26,7 @@ from ase import Atoms
 from ..model.posterior import ErrorThreshold
 from ..processes import die_with_parent, stop_process
 from ..server.driver import ForceServer, ServeSettings
+from ..threads import engine_environment
 
 log = logging.getLogger("sp_server.otf.md")
 
@@ -148,7 +149,8 @@ def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThresh
     for job in jobs:
         with open(job.directory / "ipi.log", "w") as out:
             procs.append(subprocess.Popen([ipi, "input.xml"], cwd=job.directory, stdout=out,
-                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent))
+                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                          env=engine_environment()))
     thread = threading.Thread(target=server.serve_forever, name="otf-server", daemon=True)
     thread.start()
     t0 = time.monotonic()

@@ -251,6 +251,7 @@ class ForceServer:
         answer = None
         initialized = False
         t_eval = 0.0  # seconds spent evaluating, and between the first and last POSDATA (the engine's step time)
+        t_errors, n_errors = 0.0, 0   # of which the Bayesian errors, on the frames that had them
         t_first = t_last = None
         try:
             while not self.stop.is_set():
@@ -271,9 +272,12 @@ class ForceServer:
                             log.info("connection %d: frame %d evaluated with model version %s", k, frame,
                                      model.version)
                         generation, evaluator = gen, Evaluator(model)
-                    answer = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj, trace)
+                    answer, err_s = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj, trace)
                     if frame > 0:  # the first frame includes set-up (Ewald sums, compilation)
                         t_eval += time.perf_counter() - t0
+                        if err_s is not None:
+                            t_errors += err_s
+                            n_errors += 1
                     have_data = True
                     initialized = True
                 elif msg == "GETFORCE":
@@ -313,6 +317,11 @@ class ForceServer:
                 ev = t_eval / (frame - 1)
                 log.info("connection %d: timing: %.3f ms per MD step, %.3f ms evaluating (%.0f%%), engine + socket "
                          "%.0f%%", k, 1e3 * step, 1e3 * ev, 100 * ev / step, 100 * (1 - ev / step))
+                if n_errors:
+                    log.info("connection %d: timing: Bayesian errors on %d of %d frames (--error-stride %d), %.3f ms "
+                             "each; %.3f ms per MD step on average (%.0f%% of the step)", k, n_errors, frame - 1,
+                             self.settings.error_stride, 1e3 * t_errors / n_errors, 1e3 * t_errors / (frame - 1),
+                             100 * t_errors / (frame - 1) / step)
             last = traj.finish()
             if last is not None and self.queue is not None:
                 self.queue.put(last)
@@ -382,5 +391,6 @@ class ForceServer:
             if self.settings.stop_untrusted:
                 raise UntrustedFrame("; ".join(reasons))
         stress = symmetric_from_voigt(res.stress)
-        return res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)
+        return ((res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)),
+                res.error_seconds if res.errors is not None else None)
 

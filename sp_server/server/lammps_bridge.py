@@ -76,6 +76,7 @@ class LammpsBridge:
         self.fix_id = None
         self.frames = 0
         self.t_eval = 0.0
+        self.t_errors = 0.0   # of which the Bayesian errors (after the first call)
 
     def _box(self):
         boxlo, boxhi, xy, yz, xz, _, _ = self.lmp.extract_box()
@@ -113,6 +114,7 @@ class LammpsBridge:
             self._flag(ntimestep, cell, pos, res)
         if self.frames > 0:  # the first call includes set-up
             self.t_eval += time.perf_counter() - t0
+            self.t_errors += res.error_seconds
         self.frames += 1
 
     def _flag(self, step, cell, pos, res):
@@ -156,4 +158,7 @@ class LammpsBridge:
             self.lmp.close()
         log.info("LAMMPS deck %s done: %d force evaluations, %.3f ms each (after the first)", deck, self.frames,
                  1e3 * self.t_eval / max(self.frames - 1, 1))
+        if self.t_errors > 0:
+            log.info("LAMMPS deck %s: of which Bayesian errors %.3f ms each (%.0f%% of the evaluation)", deck,
+                     1e3 * self.t_errors / max(self.frames - 1, 1), 100 * self.t_errors / max(self.t_eval, 1e-300))
         return 0

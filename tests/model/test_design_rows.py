@@ -1,5 +1,6 @@
 """The design rows of the Bayesian fit: phi @ w reproduces the anharmonic energy, forces and stress."""
 import numpy as np
+import pytest
 
 from sp_server import SecondPrinciplesCalculator
 from sp_server.potential import SupercellPotential
@@ -41,3 +42,65 @@ def test_design_rows_are_per_coefficient(toy):
         assert abs(single.parts["anharmonic"] - ev.tau[z]) <= 1e-12 * max(1.0, abs(ev.tau[z]))
         assert np.allclose(single.grad_u, ev.grad_u_rows[z], atol=1e-12)
         assert np.allclose(single.grad_eta, ev.grad_eta_rows[z], atol=1e-12)
+
+
+def _with_random_posterior(model, seed=5):
+    """``model`` with a random posterior covariance, one direction of zero variance (as the bounding terms have)."""
+    import copy
+
+    from sp_server.model.posterior import Posterior
+    rng = np.random.default_rng(seed)
+    nz = len(model.anharmonic)
+    a = rng.normal(size=(nz, nz))
+    cov = a @ a.T / nz
+    v = rng.normal(size=nz)
+    v /= np.linalg.norm(v)
+    cov -= np.outer(cov @ v, cov @ v) / (v @ cov @ v)   # singular along cov^-1 v
+    out = copy.copy(model)
+    out.posterior = Posterior(cov, 0.1, 1.0, {"energy_per_atom": 1e-3, "force": 0.1, "stress_gpa": 0.1},
+                              np.ones(nz), 0.0)
+    return out
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_error_rows_equal_the_design_rows(rand_model, parallel):
+    """The one-sweep rows of the Bayesian errors (kernels.anharmonic.error_rows) are the design rows: tau,
+    d tau / d eta and d tau / d u to rounding, and the virial rows are sum_i d tau / d u_i (x) u_i."""
+    rng = np.random.default_rng(8)
+    mesh = (3, 2, 4)
+    pot = SupercellPotential(rand_model, mesh, parts=["anharmonic"], parallel=parallel)
+    u = rng.normal(0, 0.1, mesh + (rand_model.natoms, 3))
+    eta = rng.normal(0, 0.02, 6)
+    ref = pot.evaluate(u, eta, design=True)
+    for _ in range(2):   # the second call reuses (and must clear) the rows buffer
+        ev = pot.evaluate(u, eta, error_rows=True)
+    nz = len(rand_model.anharmonic)
+    rows = ref.grad_u_rows.reshape(nz, -1, 3)
+    assert np.abs(ev.tau - ref.tau).max() <= 1e-12 * np.abs(ref.tau).max()
+    assert np.abs(ev.grad_eta_rows - ref.grad_eta_rows).max() <= 1e-12 * np.abs(ref.grad_eta_rows).max()
+    assert np.abs(ev.force_rows - rows).max() <= 1e-12 * np.abs(rows).max()
+    virial = np.einsum("zia,ib->zab", rows, u.reshape(-1, 3))
+    assert np.abs(ev.virial_rows - virial).max() <= 1e-12 * np.abs(virial).max()
+    # and the energy and forces of the same call are the model's
+    plain = pot.evaluate(u, eta)
+    assert ev.energy == pytest.approx(plain.energy, rel=1e-14)
+    assert np.array_equal(ev.grad_u, plain.grad_u)
+
+
+def test_bayesian_errors_from_the_compact_rows_equal_the_design_row_errors(rand_model):
+    """Evaluator(errors=True) takes the compact rows; on a strained, rotated, shuffled frame its errors equal those
+    of the full design rows in the engine's frame (the path the fit uses) to rounding."""
+    from sp_server.potential import Evaluator
+    model = _with_random_posterior(rand_model)
+    atoms = displaced(model, (2, 3, 2), seed=4, amp=0.1, strain=0.03, rotate=True)
+    order = np.random.default_rng(2).permutation(len(atoms))
+    atoms = atoms[order]
+    ev = Evaluator(model)
+    fast = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, errors=True)
+    full = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, design=True, errors=True)
+    assert not np.allclose(fast.frame.rotation, np.eye(3))
+    assert fast.phi_forces is None   # no design rows were made
+    for key, value in full.errors.items():
+        assert value > 0
+        assert fast.errors[key] == pytest.approx(value, rel=1e-10), key
+    assert np.array_equal(fast.forces, full.forces) and fast.energy == full.energy
