@@ -4,7 +4,8 @@ Each structure is evaluated independently: one that cannot be read or mapped is 
 skipped, and the others are still written (appended frame by frame, so an interruption keeps what was done).
 Output units: energy eV, forces eV/A, stress eV/A^3 (ASE sign and Voigt order); with a model that carries a
 posterior, each frame also gets its Bayesian errors: sp_err_energy_mev_per_cell (meV per reference cell),
-sp_err_force_max (eV/A), sp_err_stress_max_gpa (GPa).
+sp_err_force_max (eV/A), sp_err_stress_max_gpa (GPa), sp_err_local_energy_max_mev (meV; the largest error of
+one reference cell's energy).
 """
 from __future__ import annotations
 

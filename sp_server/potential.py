@@ -43,6 +43,7 @@ class Evaluation:
     force_rows: Optional[np.ndarray] = None
     virial_rows: Optional[np.ndarray] = None
     error_seconds: float = 0.0   # wall time of the error rows
+    tau_cells: Optional[np.ndarray] = None  # (ncell, nz) each cell's energy of each coefficient at unit value, eV
 
 
 def _check_parts(parts):
@@ -95,6 +96,7 @@ class SupercellPotential:
         self._neigh = self.terms.neighbour_table(self.mesh)
         self._work = (np.empty((self.ncell, len(self.terms.bonds))), np.empty((self.ncell, len(self.terms.bonds))))
         self._rows_buffer = None
+        self._tau_cells = None
         self._bond_rows = None   # made on the first frame with Bayesian errors
         self.set_values(model.anharmonic.values)
 
@@ -106,10 +108,11 @@ class SupercellPotential:
         self.values = values
         self._t_scale = values[self.terms.t_coef] * self.terms.t_weight
 
-    def evaluate(self, u: np.ndarray, eta: np.ndarray, *, design: bool = False, error_rows: bool = False
-                 ) -> Evaluation:
+    def evaluate(self, u: np.ndarray, eta: np.ndarray, *, design: bool = False, error_rows: bool = False,
+                 tau_cells: bool = False) -> Evaluation:
         """u: (n1, n2, n3, nat, 3) Angstrom; eta: (6,) Voigt strain (engineering shear).  design: the full design
-        rows; error_rows: the compact rows of the Bayesian errors (see :class:`Evaluation`)."""
+        rows; error_rows: the compact rows of the Bayesian errors; tau_cells: each cell's energy of each coefficient
+        (in the energy pass; a buffer the potential reuses) (see :class:`Evaluation`)."""
         model = self.model
         nat = model.natoms
         u = np.ascontiguousarray(u, dtype=float).reshape(self.mesh + (nat, 3))
@@ -130,13 +133,17 @@ class SupercellPotential:
             parts["strain_phonon"] = float(np.einsum("iav,ia,v->", h.internal_strain, usum, eta))
             grad_u += np.einsum("iav,v->ia", h.internal_strain, eta)
             grad_eta += np.einsum("iav,ia->v", h.internal_strain, usum)
-        tau = gu_rows = ge_rows = f_rows = v_rows = None
+        tau = gu_rows = ge_rows = f_rows = v_rows = tc = None
         t_rows = 0.0
         t = self.terms
         if "anharmonic" in self.parts and t.ncoef:
             sp, dsp = _anh.strain_products(eta, t.ts_ptr, t.ts_voigt, t.ts_power)
+            if tau_cells:
+                if self._tau_cells is None:
+                    self._tau_cells = np.zeros((self.ncell, t.ncoef))
+                tc = self._tau_cells
             e_anh, ge, delta = _anh.energy_grad(u, t, self._neigh, self._t_scale, sp, dsp, self._has_strain,
-                                                grad_u, self.parallel, self._work)
+                                                grad_u, self.parallel, self._work, tau_cells=tc)
             parts["anharmonic"] = e_anh
             grad_eta += ge
             if design:
@@ -153,11 +160,13 @@ class SupercellPotential:
                 t_rows = time.perf_counter() - t_rows
         elif design:
             tau, ge_rows, gu_rows = np.zeros(t.ncoef), np.zeros((t.ncoef, 6)), np.zeros((t.ncoef,) + u.shape)
-        elif error_rows:
+        if tau_cells and tc is None:
+            tc = np.zeros((self.ncell, t.ncoef))
+        if error_rows and f_rows is None:
             tau, ge_rows, v_rows = np.zeros(t.ncoef), np.zeros((t.ncoef, 6)), np.zeros((t.ncoef, 3, 3))
             f_rows = np.zeros((t.ncoef, self.ncell * nat, 3))
         energy = self.ncell * model.reference.energy + sum(parts.values())
-        return Evaluation(energy, grad_u, grad_eta, parts, tau, gu_rows, ge_rows, f_rows, v_rows, t_rows)
+        return Evaluation(energy, grad_u, grad_eta, parts, tau, gu_rows, ge_rows, f_rows, v_rows, t_rows, tc)
 
 
 def _sylvester_adjoint(stretch: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -222,18 +231,23 @@ class Evaluator:
             self._potentials[mesh] = pot
         return pot
 
-    def evaluate(self, cell, positions, numbers, *, design: bool = False, errors: bool = False) -> FrameResult:
+    def evaluate(self, cell, positions, numbers, *, design: bool = False, errors: bool = False,
+                 local_errors: bool = False) -> FrameResult:
         """cell: (3, 3) rows, Angstrom; positions (N, 3) Angstrom; numbers (N,).  Engine frame in, engine frame out.
 
-        design: also return the design rows; errors: also the Bayesian errors (needs a model with a posterior).
-        BLAS runs on one thread meanwhile (:func:`sp_server.threads.one_blas_thread`)."""
+        design: also return the design rows; errors: also the Bayesian errors, all of ERROR_KEYS (needs a model with
+        a posterior); local_errors: only those of the energy pass (LOCAL_ERROR_KEYS: about 20% more than energy,
+        forces and stress, against 3x for all).  BLAS runs on one thread meanwhile
+        (:func:`sp_server.threads.one_blas_thread`)."""
         with one_blas_thread():
-            return self._evaluate(cell, positions, numbers, design=design, errors=errors)
+            return self._evaluate(cell, positions, numbers, design=design, errors=errors, local_errors=local_errors)
 
-    def _evaluate(self, cell, positions, numbers, *, design: bool, errors: bool) -> FrameResult:
+    def _evaluate(self, cell, positions, numbers, *, design: bool, errors: bool, local_errors: bool) -> FrameResult:
         errors = errors and self.model.posterior is not None
+        local_errors = (local_errors or errors) and self.model.posterior is not None
         frame = self.mapper.map(cell, positions, numbers)
-        ev = self.potential(frame.mesh).evaluate(frame.u, frame.eta, design=design, error_rows=errors and not design)
+        ev = self.potential(frame.mesh).evaluate(frame.u, frame.eta, design=design, error_rows=errors and not design,
+                                                 tau_cells=local_errors)
         R = frame.rotation
         n = len(frame.order)
         forces = np.empty((n, 3))
@@ -249,13 +263,17 @@ class Evaluator:
             sig = R @ strain_derivative(frame, ev.grad_u_rows, ev.grad_eta_rows) @ R.T / frame.volume
             result.phi_stress = stress_voigt(sig).reshape(nz, 6)
         ncell = len(frame.order) // self.model.natoms
+        t0 = time.perf_counter()
+        if local_errors:
+            result.errors = self.model.posterior.local_errors(ev.tau_cells)
         if errors and design:
-            result.errors = self.model.posterior.errors(result.phi_energy, result.phi_forces, result.phi_stress, ncell)
+            result.errors.update(self.model.posterior.errors(result.phi_energy, result.phi_forces, result.phi_stress,
+                                                             ncell))
         elif errors:
-            t0 = time.perf_counter()
             sig = R @ strain_derivative_virial(frame, ev.virial_rows, ev.grad_eta_rows) @ R.T / frame.volume
-            result.errors = self.model.posterior.errors_from_rows(ev.tau, ev.force_rows, stress_voigt(sig).reshape(
-                -1, 6), R, ncell)
+            result.errors.update(self.model.posterior.errors_from_rows(ev.tau, ev.force_rows, stress_voigt(
+                sig).reshape(-1, 6), R, ncell))
+        if local_errors:
             result.error_seconds = ev.error_seconds + time.perf_counter() - t0
         return result
 

@@ -14,44 +14,62 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numba
 import numpy as np
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _controller = None
+_looked = 0.0
+_active = 0          # blocks of one_blas_thread open in this process
+_saved: list = []    # (library, its thread count) to restore when the last block closes
 _pool: Optional[ThreadPoolExecutor] = None
 _limited = threading.local()
 
 
-def _get_controller():
-    global _controller
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the BLAS libraries loaded in this process (numpy's, and scipy's once loaded:
+    looked up again while fewer than two are known, at most every 10 s)."""
+    global _controller, _looked
     with _lock:
-        if _controller is None:
+        now = time.monotonic()
+        if _controller is None or (len(_controller.select(user_api="blas").lib_controllers) < 2
+                                   and now - _looked > 10.0):
             from threadpoolctl import ThreadpoolController
-            _controller = ThreadpoolController()
-        return _controller
+            _controller, _looked = ThreadpoolController(), now
+        return [lc for lc in _controller.lib_controllers if lc.user_api == "blas"]
 
 
 @contextlib.contextmanager
 def one_blas_thread():
-    """BLAS on one thread inside the block (process-wide while it lasts, as BLAS libraries allow no other way).
-    Nested blocks are free."""
-    if getattr(_limited, "depth", 0):
-        _limited.depth += 1
-        try:
-            yield
-        finally:
-            _limited.depth -= 1
-        return
-    with _get_controller().limit(limits=1, user_api="blas"):
-        _limited.depth = 1
-        try:
-            yield
-        finally:
-            _limited.depth = 0
+    """BLAS on one thread inside the block.  The limit is process-wide (BLAS libraries allow no other way): the first
+    block to enter sets it and the last to leave restores each library's own count, so blocks in several threads
+    (one per server connection) and nested blocks are safe."""
+    global _active, _saved
+    with _lock:
+        if _active == 0:
+            _saved = []
+            for lc in _blas_libraries():
+                _saved.append((lc, lc.get_num_threads()))
+                lc.set_num_threads(1)
+        _active += 1
+    _limited.depth = getattr(_limited, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _limited.depth -= 1
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                for lc, n in _saved:
+                    lc.set_num_threads(n)
+                    # threadpoolctl lets only one thread set OpenBLAS's process-wide pool (the others silently do
+                    # nothing) until it lets go: the next block may open in another thread
+                    getattr(lc, "clear_controlling_thread", lambda: None)()
+                _saved = []
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -109,10 +109,10 @@ def main(argv=None):
     print(f"# command: {' '.join([sys.executable.split('/')[-1], 'tools/bench_eval.py'] + (argv or sys.argv[1:]))}")
     print("# ms per frame: median (min-max) of --repeat calls.  +errors: energy, forces, stress and the Bayesian errors "
           "(sp_server.kernels.anharmonic.error_rows: one sweep, then one product with the posterior's factor); "
-          "error share: what the errors add, relative to E+F+S; via design rows: the same errors from the full "
+          "error share: what the errors add, relative to E+F+S; +local errors: only those of the energy pass (the total energy's and the largest per-cell energy error); via design rows: the same errors from the full "
           "design rows (the fit's path, the server's before issue 17)")
     print(f"{'cells':>8} {'atoms':>7} {'setup s':>8} {'E+F+S ms':>20} {'atom-evals/s':>13}"
-          + (f" {'+errors ms':>22} {'error share':>11}" if errors else "")
+          + (f" {'+errors ms':>22} {'error share':>11} {'+local errors ms':>22} {'share':>6}" if errors else "")
           + ("" if args.no_design else f" {'via design rows ms':>22}"))
     ev = Evaluator(model)
     rng = np.random.default_rng(1)
@@ -129,6 +129,8 @@ def main(argv=None):
         if errors:
             t_b = timeit(lambda: ev.evaluate(cell, pos, num, errors=True), args.repeat)
             row += f" {spread(t_b):>22} {100 * (t_b[0] - t_e[0]) / t_e[0]:10.0f}%"
+            t_l = timeit(lambda: ev.evaluate(cell, pos, num, local_errors=True), args.repeat)
+            row += f" {spread(t_l):>22} {100 * (t_l[0] - t_e[0]) / t_e[0]:5.0f}%"
         if not args.no_design:
             t_d = timeit(lambda: ev.evaluate(cell, pos, num, design=True, errors=errors), max(1, args.repeat // 2))
             row += f" {spread(t_d):>22}"

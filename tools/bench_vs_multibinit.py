@@ -4,13 +4,14 @@ same run, on the public BaHfO3 model (DDB + 99 coefficients), supercells 6^3, 8^
 
 multibinit's cost per step is measured from two isokinetic MD runs of different lengths (the difference removes
 its set-up); ours is the median time of Evaluator.evaluate (energy, forces, stress, engine frame in/out) on a
-frame multibinit wrote.  With --errors, ours also gives the Bayesian errors of every frame.  The imported model has
+frame multibinit wrote.  With --error-stride N, ours also gives the Bayesian errors as `sp-server serve` does: all of
+them every N-th frame, those of the energy pass on the others (1: all on every frame).  The imported model has
 no posterior, so it gets a stand-in one (diagonal, one variance per coefficient): the errors' cost depends on the
 number of coefficients and terms, not on the covariance's values.  With --engines, the MD step is also timed
 through real i-PI (NVT, `sp-server serve`, i-PI's BLAS on one thread) and through LAMMPS (`sp-server lammps`), and
 the share of the step spent in i-PI itself is given.  Prints a table with the ratios and the command that made it.
 
-    python tools/bench_vs_multibinit.py [--sizes 6 8 12 16] [--threads 1] [--steps 20] [--errors] [--engines]
+    python tools/bench_vs_multibinit.py [--sizes 6 8 12 16] [--threads 1] [--steps 20] [--error-stride N] [--engines]
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20, help="multibinit MD steps of the long run")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--errors", action="store_true", help="Bayesian errors on every frame (a stand-in posterior)")
+    ap.add_argument("--error-stride", type=int, default=0, metavar="N",
+                    help="Bayesian errors (a stand-in posterior) as sp-server serve --error-stride N; 0: none")
     ap.add_argument("--engines", action="store_true", help="also through i-PI and LAMMPS")
     ap.add_argument("--engine-steps", type=int, default=40, help="MD steps of each engine run")
     args = ap.parse_args(argv)
@@ -69,7 +71,7 @@ def main(argv=None):
         shutil.copy(f, work / f.name)
     multibinit_run(work, 2, 1, prt_model=2)
     model = import_multibinit(system=work / "b2_1_sys.xml", coefficients=work / "BaHfO3.xml")
-    if args.errors:
+    if args.error_stride:
         nz = len(model.anharmonic)
         model.posterior = Posterior(np.diag(np.full(nz, 1e-6)), 1.0, 1.0,
                                     {"energy_per_atom": 1e-3, "force": 0.1, "stress_gpa": 0.1}, np.ones(nz), 0.0)
@@ -88,7 +90,7 @@ def main(argv=None):
         pymb_calc = {}
     print(f"# sp_server vs multibinit 9.6.2, BaHfO3 (99 coefficients, 1142 terms, dipdip 1); sp_server numba "
           f"threads {args.threads}; multibinit OMP_NUM_THREADS=1; pymultibinit: {pymb}; Bayesian errors "
-          f"{'on every frame (stand-in posterior)' if args.errors else 'off'}")
+          f"{'with error stride ' + str(args.error_stride) + ' (stand-in posterior)' if args.error_stride else 'off'}")
     print(f"# command: python tools/bench_vs_multibinit.py {' '.join(argv or sys.argv[1:])}")
     print("# ms per step; ratio = multibinit / sp_server; i-PI share: the part of the i-PI step not spent evaluating")
     print(f"{'cells':>7} {'atoms':>7} {'multibinit ms/step':>19} {'sp_server ms/step':>18} {'ratio':>7}"
@@ -101,12 +103,13 @@ def main(argv=None):
         mb = (long - short) / (args.steps - 2)
         frames = read_hist(work / f"b{n}_{args.steps}.abo_HIST.nc")
         a = frames[-1]
-        ev.evaluate(a.cell.array, a.positions, a.numbers, errors=args.errors)  # set-up (Ewald, tables)
+        ev.evaluate(a.cell.array, a.positions, a.numbers, errors=bool(args.error_stride))  # set-up (Ewald, tables)
         ts = []
         for k in range(args.repeat):
             b = frames[-1 - k % len(frames)]
             t0 = time.perf_counter()
-            ev.evaluate(b.cell.array, b.positions, b.numbers, errors=args.errors)
+            ev.evaluate(b.cell.array, b.positions, b.numbers, errors=args.error_stride > 0 and k % args.error_stride == 0,
+                        local_errors=args.error_stride > 0)
             ts.append(time.perf_counter() - t0)
         ours = float(np.median(ts))
         row = f"{n}^3".rjust(7) + f" {5 * n ** 3:7d} {1e3 * mb:19.1f} {1e3 * ours:18.2f} {mb / ours:7.1f}"
@@ -119,9 +122,9 @@ def main(argv=None):
                 symbols = model.reference.symbols
                 ase.io.write(eng / "toy_222.data", b, format="lammps-data", masses=True, atom_style="atomic",
                              specorder=sorted(set(symbols), key=symbols.index))
-                ipi_step, ipi_eval, _ = ipi_run(eng, args.engine_steps, model_path, args.errors, env,
+                ipi_step, ipi_eval, _ = ipi_run(eng, args.engine_steps, model_path, args.error_stride, env,
                                                 ipi_env=engine_environment())
-                lmp_step, _, _ = lammps_run(eng, args.engine_steps, model_path, args.errors, env)
+                lmp_step, _, _ = lammps_run(eng, args.engine_steps, model_path, args.error_stride, env)
             row += (f" {1e3 * ipi_step:13.2f} {mb / ipi_step:7.1f} {1 - ipi_eval / ipi_step:10.0%}"
                     f" {1e3 * lmp_step:15.2f} {mb / lmp_step:7.1f}")
         if n in pymb_calc:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Can the Bayesian errors be had from a few coefficient vectors instead of the whole posterior?  (issue 17)
+"""Can the Bayesian errors be had from a few coefficient vectors instead of the whole posterior?  And how well does
+the cheap local error of the energy pass follow the force error?  (issue 17)
 
 The per-component force variance is phi^T Sigma phi = sum_k (phi . l_k)^2 over the columns l_k of any factor
 Sigma = L L^T.  Keeping r columns gives the errors at the cost of r extra force evaluations.  This script measures,
@@ -16,6 +17,9 @@ largest stress component) move when only r columns are kept, for three choices o
     python tools/error_truncation.py MODEL.h5 FRAMES.extxyz [FRAMES ...] [--ranks 4 8 16 32 64] [--seed 0]
 
 Prints, per choice and r, the largest relative change over the frames of each error, and the exact errors' range.
+Then the rank correlation (Spearman) over the frames between the largest force error and local_energy_max_mev (the
+largest per-cell energy error, which the server gives on every frame at about 20% of the cost of a frame), and
+between the largest force error and the total energy error.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import sys
 
 import ase.io
 import numpy as np
+from scipy.stats import spearmanr
 
 from sp_server.model.native import load_model
 from sp_server.potential import Evaluator
@@ -48,14 +53,32 @@ def main(argv=None):
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-frames", type=int, default=20, help="per file")
+    ap.add_argument("--every", type=int, default=1, help="every n-th frame of each file")
+    ap.add_argument("--correlation-only", action="store_true",
+                    help="only the rank correlations (no truncation: large frames, many of them)")
     args = ap.parse_args(argv)
     model = load_model(args.model)
-    post = model.posterior
-    if post is None:
+    if model.posterior is None:
         raise SystemExit(f"{args.model}: no posterior")
-    frames = [a for f in args.frames for a in ase.io.read(f, ":")[:args.max_frames]]
+    frames = [a for f in args.frames for a in ase.io.read(f, f"::{args.every}")[:args.max_frames]]
     ev = Evaluator(model)
-    rows = [frame_rows(ev, a) for a in frames]
+    cheap = [ev.evaluate(a.cell.array, a.positions, a.numbers, errors=True).errors for a in frames]
+    print(f"# {args.model}: {len(model.anharmonic)} coefficients, {len(frames)} frames; command: python "
+          f"tools/error_truncation.py {' '.join(argv or sys.argv[1:])}")
+    if not args.correlation_only:
+        truncation(model, [frame_rows(ev, a) for a in frames], args)
+    force = np.array([c["force_max"] for c in cheap])
+    local = np.array([c["local_energy_max_mev"] for c in cheap])
+    energy = np.array([c["energy_mev_per_cell"] for c in cheap])
+    top = force >= np.quantile(force, 0.9)
+    print(f"# rank correlation with the largest force error over the frames: local_energy_max_mev "
+          f"{spearmanr(local, force)[0]:.2f}, energy_mev_per_cell {spearmanr(energy, force)[0]:.2f}; the frames in "
+          f"the top 10% by force error are in the top {100 * (1 - min(np.mean(local < x) for x in local[top])):.0f}% "
+          f"by local_energy_max_mev")
+
+
+def truncation(model, rows, args):
+    post = model.posterior
     S = 0.5 * (post.covariance + post.covariance.T)
     w, V = np.linalg.eigh(S)
     L = V * np.sqrt(np.clip(w, 0.0, None))
@@ -66,8 +89,6 @@ def main(argv=None):
     eigen = (Vs[:, order] * np.sqrt(np.clip(ws[order], 0.0, None))) / f[:, None]
     rng = np.random.default_rng(args.seed)
     nz = S.shape[0]
-    print(f"# {args.model}: {nz} coefficients, {len(frames)} frames; command: python tools/error_truncation.py "
-          f"{' '.join(argv or sys.argv[1:])}")
     print(f"# exact errors over the frames: energy {exact[:, 0].min():.3g}-{exact[:, 0].max():.3g} eV, largest force "
           f"component {exact[:, 1].min():.3g}-{exact[:, 1].max():.3g} eV/A, largest stress component "
           f"{exact[:, 2].min():.3g}-{exact[:, 2].max():.3g} eV/A^3")
@@ -91,6 +112,7 @@ def main(argv=None):
                 worst[k] = np.maximum(worst[k], np.abs(errors_with(c, fr) - exact[j]) / exact[j])
         for k, v in worst.items():
             print(f"{k:>10} {r:4d} {v[0]:8.3f} {v[1]:8.3f} {v[2]:8.3f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

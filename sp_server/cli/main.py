@@ -167,8 +167,8 @@ def _cmd_serve(args):
                         filename=args.log)
     if not args.unix and args.port is None:
         raise ValueError("an INET connection needs --port (or use --unix)")
-    if args.error_stride < 1:
-        raise ValueError(f"--error-stride must be >= 1, got {args.error_stride}")
+    if args.error_stride < 0:
+        raise ValueError(f"--error-stride must be >= 0, got {args.error_stride}")
     settings = ServeSettings(threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
                              wait=args.wait, error_stride=args.error_stride)
     server = ForceServer(args.model, args.address, args.port, args.unix, args.connections, args.queue, settings)
@@ -181,8 +181,11 @@ def _cmd_lammps(args):
     from ..model.posterior import ErrorThreshold
     from ..server.lammps_bridge import LammpsBridge
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.error_stride < 0:
+        raise ValueError(f"--error-stride must be >= 0, got {args.error_stride}")
     bridge = LammpsBridge(args.model, queue=args.queue,
-                          threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None)
+                          threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
+                          error_stride=args.error_stride)
     rc = bridge.run(args.deck, dict(args.var or []), log_file=args.log)
     print(f"LAMMPS deck {args.deck} finished: {bridge.frames} force evaluations; log in {args.log}")
     return rc
@@ -361,8 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threshold", metavar="QUANTITY=VALUE", help="flagging threshold (default force_max=0.1)")
     sv.add_argument("--wait", type=float, default=600.0, help="seconds to retry until the engine is up")
     sv.add_argument("--error-stride", type=int, default=1, metavar="N",
-                    help="Bayesian errors (and flagging) every N-th frame of a connection (default 1: every frame; "
-                         "they cost several times the energy and forces: tools/bench_eval.py --model)")
+                    help="all Bayesian errors every N-th frame of a connection (default 1: every frame; they cost "
+                         "about 3x the energy, forces and stress: docs/performance.md); the other frames get the "
+                         "cheap ones of the energy pass (energy_mev_per_cell, local_energy_max_mev, about +20%%), "
+                         "so --threshold local_energy_max_mev=V flags on every frame; 0: no Bayesian errors)")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
     sv.set_defaults(func=_cmd_serve)
 
@@ -372,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--var", nargs=2, action="append", metavar=("NAME", "VALUE"), help="LAMMPS -var NAME VALUE")
     lm.add_argument("--queue", metavar="DB", help="ase.db file or PostgreSQL URL for flagged frames")
     lm.add_argument("--threshold", metavar="QUANTITY=VALUE", help="flagging threshold (default force_max=0.1)")
+    lm.add_argument("--error-stride", type=int, default=1, metavar="N",
+                    help="with --queue: all Bayesian errors every N-th force call, those of the energy pass on the "
+                         "others (as sp-server serve; default 1)")
     lm.add_argument("--log", default="log.lammps", help="LAMMPS log file (relative to the deck's folder)")
     lm.set_defaults(func=_cmd_lammps)
 

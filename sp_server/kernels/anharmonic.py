@@ -146,6 +146,11 @@ class CompiledTerms:
         return np.ascontiguousarray((img[..., 0] * n[1] + img[..., 1]) * n[2] + img[..., 2])
 
 
+#: the "no per-cell energies" arguments of _terms_range
+_NO_W = np.zeros(0)
+_NO_TAU = np.zeros((0, 0))
+
+
 @njit(cache=True)
 def strain_products(eta, ts_ptr, ts_voigt, ts_power):
     """Per term: product of its strain factors and the derivative of that product w.r.t. each Voigt component."""
@@ -187,8 +192,11 @@ def _bond_values_range(uf, nat, neigh, bond_idx, out, c0, c1):
 
 
 @njit(cache=True)
-def _terms_range(delta, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power, maxf, maxp, gdelta, c0, c1, ge):
+def _terms_range(delta, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power, maxf, maxp, gdelta, c0, c1, ge,
+                 w_sp, t_coef, tau_c):
     """Energy of terms t = 0..len(s_t)-1 on cells [c0, c1); adds dE/deta to ge and sets gdelta[c0:c1] = dE/dDelta.
+    With a tau_c of shape (ncell, nz) (else (0, 0)): adds to tau_c[c, z] each cell's energy of coefficient z at unit
+    value (w_sp = weight times strain product per term, t_coef its coefficient): one more multiply-add per term.
 
     Term t has factors f = tf_ptr[t]..tf_ptr[t+1]-1: bond column tf_bond[f] of delta, power tf_power[f].
     s_t = t_scale * (strain product) per term.  Powers of every bond value are tabulated once per cell; terms
@@ -197,6 +205,7 @@ def _terms_range(delta, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power
     """
     nt = len(s_t)
     nb = delta.shape[1]
+    want_tau = tau_c.shape[0] > 0
     pw = np.empty((nb, maxp + 1))
     vals = np.empty(maxf)
     dvals = np.empty(maxf)
@@ -252,6 +261,8 @@ def _terms_range(delta, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power
                     suf *= vals[k]
             e += st * prod
             psum[t] += prod
+            if want_tau:
+                tau_c[c, t_coef[t]] += w_sp[t] * prod
     for t in range(nt):
         if has_strain[t]:
             for v in range(6):
@@ -272,14 +283,15 @@ def _gather_range(gdelta, nat, neigh, bond_idx, ga_ptr, ga_bond, ga_sign, ga_neg
 
 @njit(parallel=True, cache=True)
 def _energy_grad_parallel(uf, nat, neigh, delta, bond_idx, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power,
-                          maxf, maxp, ga_ptr, ga_bond, ga_sign, ga_negoff, gdelta, gradf, nchunk):
+                          maxf, maxp, ga_ptr, ga_bond, ga_sign, ga_negoff, gdelta, gradf, w_sp, t_coef, tau_c, nchunk):
     ncell = delta.shape[0]
     e_part = np.zeros(nchunk)
     g_part = np.zeros((nchunk, 6))
     for ch in prange(nchunk):  # a cell's terms need only its own row of bond values: one parallel region
         _bond_values_range(uf, nat, neigh, bond_idx, delta, ch * ncell // nchunk, (ch + 1) * ncell // nchunk)
         e_part[ch] = _terms_range(delta, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power, maxf, maxp,
-                                  gdelta, ch * ncell // nchunk, (ch + 1) * ncell // nchunk, g_part[ch])
+                                  gdelta, ch * ncell // nchunk, (ch + 1) * ncell // nchunk, g_part[ch], w_sp, t_coef,
+                                  tau_c)
     for ch in prange(nchunk):
         _gather_range(gdelta, nat, neigh, bond_idx, ga_ptr, ga_bond, ga_sign, ga_negoff, gradf,
                       ch * ncell // nchunk, (ch + 1) * ncell // nchunk)
@@ -288,22 +300,25 @@ def _energy_grad_parallel(uf, nat, neigh, delta, bond_idx, s_t, t_scale, dsp, ha
 
 @njit(cache=True)
 def _energy_grad_serial(uf, nat, neigh, delta, bond_idx, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power,
-                        maxf, maxp, ga_ptr, ga_bond, ga_sign, ga_negoff, gdelta, gradf):
+                        maxf, maxp, ga_ptr, ga_bond, ga_sign, ga_negoff, gdelta, gradf, w_sp, t_coef, tau_c):
     ncell = delta.shape[0]
     ge = np.zeros(6)
     _bond_values_range(uf, nat, neigh, bond_idx, delta, 0, ncell)
     e = _terms_range(delta, s_t, t_scale, dsp, has_strain, tf_ptr, tf_bond, tf_power, maxf, maxp, gdelta, 0, ncell,
-                     ge)
+                     ge, w_sp, t_coef, tau_c)
     _gather_range(gdelta, nat, neigh, bond_idx, ga_ptr, ga_bond, ga_sign, ga_negoff, gradf, 0, ncell)
     return e, ge
 
 
-def energy_grad(u, terms: CompiledTerms, neigh, t_scale, sp, dsp, has_strain, grad_u, parallel: bool, work=None):
+def energy_grad(u, terms: CompiledTerms, neigh, t_scale, sp, dsp, has_strain, grad_u, parallel: bool, work=None,
+                tau_cells=None):
     """Anharmonic energy; adds dE/du to grad_u (n1,n2,n3,nat,3).  Returns (energy, dE/deta (6,), Delta (ncell, nb)).
 
     neigh: terms.neighbour_table(mesh).  Delta (the bond values) is returned so that design rows can reuse it.
     work: optional (delta, gdelta) buffers of shape (ncell, nb) reused between calls (fresh large arrays cost page
     faults on every call, which was measured to double the time of a 12^3 supercell with two threads).
+    tau_cells: optional (ncell, nz) array, set to each cell's energy of each coefficient at unit value (eV; the
+    terms anchored in that cell: those whose first bond starts there), in the same pass: sum over cells = tau.
     """
     if not grad_u.flags.c_contiguous:
         raise ValueError("grad_u must be C-contiguous (it is updated in place)")
@@ -315,6 +330,13 @@ def energy_grad(u, terms: CompiledTerms, neigh, t_scale, sp, dsp, has_strain, gr
     args = (u.reshape(-1, 3), nat, neigh, delta, terms.bond_idx, t_scale * sp, t_scale, dsp, has_strain,
             terms.tf_ptr, terms.tf_bond, terms.tf_power, terms.maxf, terms.maxp, terms.ga_ptr, terms.ga_bond,
             terms.ga_sign, terms.ga_negoff, gdelta, grad_u.reshape(-1, 3))
+    if tau_cells is None:
+        args += (_NO_W, terms.t_coef, _NO_TAU)
+    else:
+        if tau_cells.shape != (ncell, terms.ncoef):
+            raise ValueError(f"tau_cells must have shape {(ncell, terms.ncoef)}, got {tau_cells.shape}")
+        tau_cells[...] = 0.0
+        args += (terms.t_weight * sp, terms.t_coef, tau_cells)
     if parallel:
         e, ge = _energy_grad_parallel(*args, min(ncell, 4 * numba.get_num_threads()))
     else:
@@ -339,7 +361,7 @@ def _design_one(z, delta, nat, neigh, bond_idx, t_weight, sp, dsp, has_strain, t
     gd = np.zeros((ncell, nbz))
     w = t_weight[t0:t1]
     e_rows[z] = _terms_range(delta_z, w * sp[t0:t1], w, dsp[t0:t1], has_strain[t0:t1], tf_ptr[t0:t1 + 1], tf_lbond,
-                             tf_power, maxf, maxp, gd, 0, ncell, geta_rows[z])
+                             tf_power, maxf, maxp, gd, 0, ncell, geta_rows[z], w, tf_lbond, np.zeros((0, 0)))
     for lb in range(nbz):
         b = z_bonds[b0 + lb]
         a, oa, ib, ob, d = bond_idx[b, 0], bond_idx[b, 1], bond_idx[b, 2], bond_idx[b, 3], bond_idx[b, 4]

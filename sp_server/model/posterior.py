@@ -15,8 +15,14 @@ import numpy as np
 from ..threads import matmul
 from ..units import GPA_EV_A3
 
-#: the quantities a threshold can apply to, with their units
-ERROR_KEYS = {"energy_mev_per_cell": "meV per reference cell", "force_max": "eV/A", "stress_max_gpa": "GPa"}
+#: the quantities a threshold can apply to, with their units.  local_energy_max_mev: the largest Bayesian std,
+#: over the reference cells of the frame, of one cell's energy (the terms anchored in that cell), meV: a local error
+#: like force_max, but computed in the energy pass at about 20% of the cost of energy, forces and stress
+#: (docs/performance.md), so the server can give it on every frame
+ERROR_KEYS = {"energy_mev_per_cell": "meV per reference cell", "force_max": "eV/A", "stress_max_gpa": "GPa",
+              "local_energy_max_mev": "meV"}
+#: the errors every frame gets cheaply (the energy pass), the others need the force rows
+LOCAL_ERROR_KEYS = ("energy_mev_per_cell", "local_energy_max_mev")
 
 
 @dataclass
@@ -43,7 +49,8 @@ class ErrorThreshold:
             raise ValueError(f"threshold {text!r}: {exc}") from None
 
     def exceeded(self, errors: dict) -> bool:
-        return errors[self.quantity] > self.value
+        """Whether ``errors`` has this quantity above the value (False when the frame has no such error)."""
+        return self.quantity in errors and errors[self.quantity] > self.value
 
     def __str__(self):
         return f"{self.quantity} > {self.value:g} {ERROR_KEYS[self.quantity]}"
@@ -129,6 +136,18 @@ class Posterior:
         ps = np.asarray(phi_stress).reshape(nz, 6).T @ L
         s_std = np.sqrt(np.sum(ps ** 2, axis=1)) / GPA_EV_A3
         return self._summary(e_std, f_std, s_std, ncell)
+
+    def local_errors(self, tau_cells) -> dict:
+        """The errors of the energy pass, exactly, from each reference cell's energy of each coefficient at unit value
+        (tau_cells (ncell, nz), eV; :func:`sp_server.kernels.anharmonic.energy_grad`): energy_mev_per_cell and
+        local_energy_max_mev (see ERROR_KEYS)."""
+        tau_cells = np.asarray(tau_cells)
+        L = self._factor()
+        y = tau_cells @ L                                    # (ncell, r)
+        local = np.sqrt(np.einsum("cr,cr->c", y, y))
+        e_std = float(np.linalg.norm(y.sum(axis=0)))
+        return {"energy_mev_per_cell": 1000.0 * e_std / len(tau_cells),
+                "local_energy_max_mev": 1000.0 * float(local.max()) if local.size else 0.0}
 
     @staticmethod
     def _summary(e_std, f_std, s_std, ncell) -> dict:

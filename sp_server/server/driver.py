@@ -48,9 +48,10 @@ class ServeSettings:
     trace_dir: Optional[str] = None     # write every frame's energy and Bayesian errors to trace_dir/trace_K.csv
     excursion_frames: int = 1           # frames queued from an excursion that ended untrusted (its first frame
                                         # above the threshold, then spread along it)
-    error_stride: int = 1               # Bayesian errors (and flagging) every n-th frame of a connection: they cost
-                                        # several times the energy + forces (tools/bench_eval.py --model); the
-                                        # trusted-range checks run on every frame regardless
+    error_stride: int = 1               # all Bayesian errors every n-th frame of a connection (they cost about 3x
+                                        # the energy + forces: docs/performance.md); the others get those of the
+                                        # energy pass (energy_mev_per_cell, local_energy_max_mev: ~20%); 0: none;
+                                        # flagging on a quantity a frame has; trusted-range checks on every frame
 
 
 def read_trace(path) -> np.ndarray:
@@ -348,7 +349,10 @@ class ForceServer:
         ref = model.reference
         # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
         # then cached), and take the species of their sites
-        res = evaluator.evaluate(cell, pos, None, errors=frame % max(1, self.settings.error_stride) == 0)
+        # every frame gets the errors of the energy pass (cheap); every error_stride-th frame all of them; none with
+        # error_stride 0
+        stride = self.settings.error_stride
+        res = evaluator.evaluate(cell, pos, None, errors=stride > 0 and frame % stride == 0, local_errors=stride > 0)
         numbers = np.empty(len(pos), dtype=int)
         numbers[res.frame.order] = np.tile(ref.numbers, len(pos) // ref.natoms)
         ncell = len(pos) // ref.natoms
@@ -377,7 +381,7 @@ class ForceServer:
                 # the frame before, even if it ends as a "maximum" here, belongs to this excursion: the excursion's
                 # entry (and frames spread along it) were queued above instead, so the push's answer is dropped
                 traj.push(-np.inf, record, trusted=False)
-            elif self.settings.threshold is not None and errors:
+            elif self.settings.threshold is not None and self.settings.threshold.quantity in errors:
                 value = errors[self.settings.threshold.quantity]
                 flagged = traj.push(value, dict(record, reason=f"local maximum of {self.settings.threshold}"))
                 if flagged is not None:

@@ -63,7 +63,7 @@ def _deck_commands(path: Path):
 
 class LammpsBridge:
     def __init__(self, model_path, *, queue: Optional[str] = None, threshold: Optional[ErrorThreshold] = None,
-                 max_displacement: float = 1.0):
+                 max_displacement: float = 1.0, error_stride: int = 1):
         self.model = load_model(model_path)
         self.evaluator = Evaluator(self.model)
         self.queue = FlagQueue(queue) if queue else None
@@ -71,6 +71,7 @@ class LammpsBridge:
             threshold = ErrorThreshold()
         self.traj = _Trajectory(threshold) if self.queue is not None else None
         self.max_displacement = max_displacement
+        self.error_stride = int(error_stride)   # with a queue: all errors every n-th call, the energy pass's on others
         self.numbers = None
         self.lmp = None
         self.fix_id = None
@@ -102,7 +103,9 @@ class LammpsBridge:
             self.numbers = self._species(order)
         cell = self._box()
         pos = np.asarray(x)[order]
-        res = self.evaluator.evaluate(cell, pos, self.numbers, errors=self.queue is not None)
+        flagging = self.queue is not None and self.error_stride > 0
+        res = self.evaluator.evaluate(cell, pos, self.numbers, errors=flagging and self.frames % self.error_stride == 0,
+                                      local_errors=flagging)
         forces = np.empty_like(res.forces)
         forces[order] = res.forces
         f[:] = forces
@@ -123,7 +126,7 @@ class LammpsBridge:
                   "energy_ev": float(res.energy)}
         if res.frame.max_displacement > self.max_displacement or not np.isfinite(res.energy):
             self.queue.put(dict(record, reason=f"untrusted: atom {res.frame.max_displacement:.2f} A from its site"))
-        elif self.traj.threshold is not None and res.errors:
+        elif self.traj.threshold is not None and res.errors and self.traj.threshold.quantity in res.errors:
             out = self.traj.push(res.errors[self.traj.threshold.quantity],
                                  dict(record, reason=f"local maximum of {self.traj.threshold}"))
             if out is not None:

@@ -2,8 +2,9 @@
 by a writer thread, in batches, so the MD never waits for the database.
 
 Each row: the structure (positions, cell, species; Angstrom) and key-value pairs state, reason, frame, bead,
-connection, model_version, err_energy_mev_per_cell, err_force_max (eV/A), err_stress_max_gpa (GPa), energy_model
-(eV), max_displacement (A).  state is 'pending' (labelling workers claim it), except for frames that left the
+connection, model_version, the Bayesian errors the frame has (err_energy_mev_per_cell, err_force_max (eV/A),
+err_stress_max_gpa (GPa), err_local_energy_max_mev (meV): sp_server.model.posterior.ERROR_KEYS), energy_model (eV),
+max_displacement (A).  state is 'pending' (labelling workers claim it), except for frames that left the
 trusted range: 'untrusted', kept for inspection and never labelled (an exploded frame spoils a fit; the frame where
 its excursion began is queued as pending instead).  ``close()`` flushes everything that was put (also on SIGTERM
 through the server).

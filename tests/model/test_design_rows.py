@@ -62,16 +62,20 @@ def _with_random_posterior(model, seed=5):
     return out
 
 
+def _random_state(model, parallel, seed, mesh=(3, 2, 4)):
+    """A potential on ``mesh`` (anharmonic part) with a random displacement field and strain, and its design rows."""
+    rng = np.random.default_rng(seed)
+    pot = SupercellPotential(model, mesh, parts=["anharmonic"], parallel=parallel)
+    u = rng.normal(0, 0.1, mesh + (model.natoms, 3))
+    eta = rng.normal(0, 0.02, 6)
+    return pot, u, eta, pot.evaluate(u, eta, design=True)
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_error_rows_equal_the_design_rows(rand_model, parallel):
     """The one-sweep rows of the Bayesian errors (kernels.anharmonic.error_rows) are the design rows: tau,
     d tau / d eta and d tau / d u to rounding, and the virial rows are sum_i d tau / d u_i (x) u_i."""
-    rng = np.random.default_rng(8)
-    mesh = (3, 2, 4)
-    pot = SupercellPotential(rand_model, mesh, parts=["anharmonic"], parallel=parallel)
-    u = rng.normal(0, 0.1, mesh + (rand_model.natoms, 3))
-    eta = rng.normal(0, 0.02, 6)
-    ref = pot.evaluate(u, eta, design=True)
+    pot, u, eta, ref = _random_state(rand_model, parallel, 8)
     for _ in range(2):   # the second call reuses (and must clear) the rows buffer
         ev = pot.evaluate(u, eta, error_rows=True)
     nz = len(rand_model.anharmonic)
@@ -104,3 +108,42 @@ def test_bayesian_errors_from_the_compact_rows_equal_the_design_row_errors(rand_
         assert value > 0
         assert fast.errors[key] == pytest.approx(value, rel=1e-10), key
     assert np.array_equal(fast.forces, full.forces) and fast.energy == full.energy
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_cell_energies_of_the_energy_pass(rand_model, parallel):
+    """tau_cells (each cell's energy of each coefficient, from the energy pass) sums to the design rows' tau, and
+    moves with the displacement field: rolling u by one cell along a rolls tau_cells the same way."""
+    mesh = (3, 2, 4)
+    pot, u, eta, ref = _random_state(rand_model, parallel, 9, mesh)
+    ev = pot.evaluate(u, eta, tau_cells=True)
+    tc = ev.tau_cells.copy()
+    assert tc.shape == (6 * 4, len(rand_model.anharmonic))
+    assert np.abs(tc.sum(axis=0) - ref.tau).max() <= 1e-12 * np.abs(ref.tau).max()
+    assert ev.energy == pytest.approx(pot.evaluate(u, eta).energy, rel=1e-14)
+    rolled = pot.evaluate(np.roll(u, 1, axis=0), eta, tau_cells=True).tau_cells
+    expect = np.roll(tc.reshape(mesh + (-1,)), 1, axis=0).reshape(tc.shape)
+    assert np.allclose(rolled, expect, rtol=1e-12, atol=1e-14)
+
+
+def test_local_energy_error_finds_the_cell_of_a_lone_excursion(rand_model):
+    """One atom pushed 0.4 A (along 111) out of a thermal frame: the largest per-cell energy error is in a cell next to it and
+    is several times the thermal frame's largest; the total energy error equals the full path's."""
+    from sp_server.potential import Evaluator
+    model = _with_random_posterior(rand_model, seed=3)
+    atoms = displaced(model, (4, 4, 4), seed=6, amp=0.03, strain=0.0, rotate=False)
+    ev = Evaluator(model)
+    quiet = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, local_errors=True).errors
+    assert set(quiet) == {"energy_mev_per_cell", "local_energy_max_mev"}
+    site = 5 * model.natoms + 1                      # an atom of cell 5 of the 4x4x4 supercell
+    atoms.positions[site] += 0.4 / np.sqrt(3.0)   # along 111: every direction of its bonds
+    res = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, errors=True)
+    full = ev.evaluate(atoms.cell.array, atoms.positions, atoms.numbers, design=True, errors=True).errors
+    assert res.errors["energy_mev_per_cell"] == pytest.approx(full["energy_mev_per_cell"], rel=1e-10)
+    assert res.errors["local_energy_max_mev"] > 3 * quiet["local_energy_max_mev"]
+    pot = ev.potential((4, 4, 4))
+    L = model.posterior._factor()
+    per_cell = np.linalg.norm(pot._tau_cells @ L, axis=1)
+    worst = np.unravel_index(int(np.argmax(per_cell)), (4, 4, 4))
+    home = np.unravel_index(5, (4, 4, 4))
+    assert max(min(abs(a - b), 4 - abs(a - b)) for a, b in zip(worst, home)) <= 1   # the cell or a neighbour

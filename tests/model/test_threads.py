@@ -39,3 +39,28 @@ def test_engine_environment_puts_the_engines_pools_on_one_thread():
     env = engine_environment({"PATH": "/bin", "OMP_NUM_THREADS": "8"})
     assert env["PATH"] == "/bin"
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+
+
+def test_blocks_in_two_threads_keep_the_limit_until_the_last_leaves():
+    """One server connection leaving its block must not lift the limit under another one still evaluating."""
+    import threading
+    before = _blas_threads()
+    inside = threading.Event()
+    release = threading.Event()
+    seen = []
+
+    def long_block():
+        with one_blas_thread():
+            inside.set()
+            release.wait(10)
+            seen.append(_blas_threads())
+
+    t = threading.Thread(target=long_block)
+    t.start()
+    assert inside.wait(10)
+    with one_blas_thread():
+        pass                      # a short block opens and closes while the long one is open
+    release.set()
+    t.join(10)
+    assert seen and all(n == 1 for n in seen[0])
+    assert _blas_threads() == before

@@ -130,9 +130,36 @@ def test_error_stride_skips_bayesian_errors_but_never_the_trust_checks(tmp_path,
     results, out, rc = serve_frames(path, name, frames + [far], "--queue", queue, "--error-stride", 3)
     assert rc == 0, out
     extras = [r[3] for r in results[:-1]]
-    assert [("bayesian_error" in x) for x in extras] == [True, False, False, True, False, False]
-    with ase.db.connect(queue) as db:            # frame 6 has no errors computed, yet it is caught as untrusted
+    # every frame has the cheap errors of the energy pass; all of them only every third frame
+    assert all(set(x["bayesian_error"]) >= {"energy_mev_per_cell", "local_energy_max_mev"} for x in extras)
+    assert [("force_max" in x["bayesian_error"]) for x in extras] == [True, False, False, True, False, False]
+    with ase.db.connect(queue) as db:            # frame 6 has no force errors computed, yet it is caught as untrusted
         assert [r.frame for r in db.select() if r.reason.startswith("untrusted")] == [len(frames)]
+
+
+def test_flagging_on_the_local_energy_error_between_strides(tmp_path, fitted, toy, name):
+    """With --error-stride 100 only frame 0 gets the force errors, yet --threshold local_energy_max_mev=V flags the
+    bump at frame 2 (its local energy error is a local maximum above V); --error-stride 0 gives no errors at all."""
+    from sp_server.potential import Evaluator
+    path = save_model(fitted, tmp_path / "fit.h5")
+    frames = trajectory(toy, [0.02, 0.05, 0.09, 0.05, 0.03, 0.02])
+    ev = Evaluator(fitted)
+    local = [ev.evaluate(a.cell.array, a.positions, a.numbers, local_errors=True).errors["local_energy_max_mev"]
+             for a in frames]
+    assert local[1] < local[2] > local[3] and max(local[:2] + local[3:]) < local[2]
+    thr = 0.5 * (local[1] + local[2])
+    queue = tmp_path / "flags.db"
+    results, out, rc = serve_frames(path, name, frames, "--queue", queue, "--error-stride", 100, "--threshold",
+                                    f"local_energy_max_mev={thr}")
+    assert rc == 0, out
+    extras = [r[3]["bayesian_error"] for r in results]
+    assert ["force_max" in x for x in extras] == [True] + [False] * 5
+    assert [x["local_energy_max_mev"] for x in extras] == pytest.approx(local, rel=1e-9)
+    with ase.db.connect(queue) as db:
+        assert [r.frame for r in db.select() if r.reason.startswith("local maximum")] == [2]
+    results, out, rc = serve_frames(path, name, frames[:2], "--error-stride", 0)
+    assert rc == 0, out
+    assert all("bayesian_error" not in r[3] for r in results)
 
 
 def test_hot_reload_between_frames(tmp_path, toy, name):
