@@ -22,15 +22,19 @@ class SecondPrinciplesCalculator(Calculator):
 
     ``parts`` restricts the energy to some of sp_server.potential.PARTS (e.g. only the harmonic part).
     With ``errors=True`` and a model that carries a posterior, results hold 'bayesian_error': energy std per
-    reference cell (meV), largest force-component std (eV/A), largest stress-component std (GPa).
+    reference cell (meV), largest force-component std (eV/A), largest stress-component std (GPa) and the largest
+    std of one reference cell's energy (meV); with ``errors="local"`` only the first and the last (the cheap ones of
+    the energy pass, docs/performance.md).
     results also hold 'energy_parts' (dict, eV) and, with ``design=True``, the design rows
     'phi_energy' (nz), 'phi_forces' (nz, N, 3) and 'phi_stress' (nz, 6) of the anharmonic coefficients.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model, parts=None, design: bool = False, errors: bool = False, max_strain: float = 0.25,
+    def __init__(self, model, parts=None, design: bool = False, errors=False, max_strain: float = 0.25,
                  **kwargs):
+        if errors not in (True, False, "local"):
+            raise ValueError(f"errors must be True, False or 'local', got {errors!r}")
         super().__init__(**kwargs)
         self.model = model if isinstance(model, Model) else load_model(Path(model))
         self.evaluator = Evaluator(self.model, parts, max_strain=max_strain)
@@ -40,7 +44,8 @@ class SecondPrinciplesCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         res = self.evaluator.evaluate(self.atoms.cell.array, self.atoms.positions, self.atoms.numbers,
-                                      design=self.design, errors=self.errors)
+                                      design=self.design, errors=self.errors is True,
+                                      local_errors=self.errors == "local")
         self.results = {
             "energy": res.energy,
             "free_energy": res.energy,

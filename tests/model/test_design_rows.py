@@ -147,3 +147,19 @@ def test_local_energy_error_finds_the_cell_of_a_lone_excursion(rand_model):
     worst = np.unravel_index(int(np.argmax(per_cell)), (4, 4, 4))
     home = np.unravel_index(5, (4, 4, 4))
     assert max(min(abs(a - b), 4 - abs(a - b)) for a, b in zip(worst, home)) <= 1   # the cell or a neighbour
+
+
+def test_calculator_gives_the_local_errors_alone_or_all(rand_model):
+    model = _with_random_posterior(rand_model)
+    atoms = displaced(model, (2, 2, 2), seed=2)
+    atoms.calc = SecondPrinciplesCalculator(model, errors="local")
+    atoms.get_forces()
+    local = atoms.calc.results["bayesian_error"]
+    assert set(local) == {"energy_mev_per_cell", "local_energy_max_mev"}
+    atoms.calc = SecondPrinciplesCalculator(model, errors=True)
+    atoms.get_forces()
+    full = atoms.calc.results["bayesian_error"]
+    assert set(full) == {"energy_mev_per_cell", "local_energy_max_mev", "force_max", "stress_max_gpa"}
+    assert all(full[k] == pytest.approx(v, rel=1e-12) for k, v in local.items())
+    with pytest.raises(ValueError, match="errors must be"):
+        SecondPrinciplesCalculator(model, errors="forces")
