@@ -56,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=1, help="every n-th frame of each file")
     ap.add_argument("--correlation-only", action="store_true",
                     help="only the rank correlations (no truncation: large frames, many of them)")
+    ap.add_argument("--plot", metavar="PNG", help="scatter of the local and the total energy error against the "
+                                                  "largest force error, one point per frame")
     args = ap.parse_args(argv)
     model = load_model(args.model)
     if model.posterior is None:
@@ -75,6 +77,16 @@ def main(argv=None):
           f"{spearmanr(local, force)[0]:.2f}, energy_mev_per_cell {spearmanr(energy, force)[0]:.2f}; the frames in "
           f"the top 10% by force error are in the top {100 * (1 - min(np.mean(local < x) for x in local[top])):.0f}% "
           f"by local_energy_max_mev")
+    if args.plot:
+        from sp_server.figures import plt, save
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+        for ax, y, label in ((axes[0], local, "largest per-cell energy error (meV), every frame"),
+                             (axes[1], energy, "total energy error (meV per cell), every frame")):
+            ax.loglog(force, y, ".", ms=4, alpha=0.6)
+            ax.set_xlabel("largest force error (eV/A), all errors")
+            ax.set_ylabel(label)
+            ax.set_title(f"rank correlation {spearmanr(y, force)[0]:.2f}", fontsize=10)
+        print(f"# figure: {save(fig, args.plot)}")
 
 
 def truncation(model, rows, args):
