@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all Bayesian errors every N-th frame of a connection (default 1: every frame; they cost "
                          "about 3x the energy, forces and stress: docs/performance.md); the other frames get the "
                          "cheap ones of the energy pass (energy_mev_per_cell, local_energy_max_mev, about +20%%), "
-                         "so --threshold local_energy_max_mev=V flags on every frame; 0: no Bayesian errors)")
+                         "so --threshold local_energy_max_mev=V flags on every frame; 0: no Bayesian errors")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
     sv.set_defaults(func=_cmd_serve)
 
