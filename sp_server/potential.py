@@ -236,8 +236,8 @@ class Evaluator:
         """cell: (3, 3) rows, Angstrom; positions (N, 3) Angstrom; numbers (N,).  Engine frame in, engine frame out.
 
         design: also return the design rows; errors: also the Bayesian errors, all of ERROR_KEYS (needs a model with
-        a posterior); local_errors: only those of the energy pass (LOCAL_ERROR_KEYS: about 20% more than energy,
-        forces and stress, against 3x for all).  BLAS runs on one thread meanwhile
+        a posterior); local_errors: only those of the energy pass, energy_mev_per_cell and local_energy_max_mev
+        (about 20% more than energy, forces and stress, against 3x for all).  BLAS runs on one thread meanwhile
         (:func:`sp_server.threads.one_blas_thread`)."""
         with one_blas_thread():
             return self._evaluate(cell, positions, numbers, design=design, errors=errors, local_errors=local_errors)

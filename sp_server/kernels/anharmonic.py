@@ -408,10 +408,9 @@ def _error_blocks(terms: CompiledTerms, block: int):
     """Blocks of ``block`` consecutive coefficients: the union of their bonds (global indices, blk_bonds[
     blk_bptr[k]:blk_bptr[k+1]]) and, for every factor of every term, the index of its bond in that union
     (tf_blbond).  Cached on ``terms``."""
-    key = ("_error_blocks", block)
-    cached = getattr(terms, "_cache", {}).get(key)
-    if cached is not None:
-        return cached
+    cache = terms.__dict__.setdefault("_error_blocks", {})
+    if block in cache:
+        return cache[block]
     nz = terms.ncoef
     z_edges = np.arange(0, nz + block, block).clip(max=nz)
     z_edges = np.unique(z_edges)
@@ -425,9 +424,7 @@ def _error_blocks(terms: CompiledTerms, block: int):
         blk_bptr.append(len(blk_bonds))
     out = (z_edges.astype(np.int64), np.array(blk_bptr, dtype=np.int64), np.array(blk_bonds, dtype=np.int64),
            tf_blbond)
-    if not hasattr(terms, "_cache"):
-        object.__setattr__(terms, "_cache", {})
-    terms._cache[key] = out
+    cache[block] = out
     return out
 
 

@@ -21,8 +21,6 @@ from ..units import GPA_EV_A3
 #: (docs/performance.md), so the server can give it on every frame
 ERROR_KEYS = {"energy_mev_per_cell": "meV per reference cell", "force_max": "eV/A", "stress_max_gpa": "GPa",
               "local_energy_max_mev": "meV"}
-#: the errors every frame gets cheaply (the energy pass), the others need the force rows
-LOCAL_ERROR_KEYS = ("energy_mev_per_cell", "local_energy_max_mev")
 
 
 @dataclass
@@ -108,14 +106,9 @@ class Posterior:
         return self._chol_t
 
     def errors(self, phi_energy, phi_forces, phi_stress, ncell: int) -> dict:
-        """Bayesian errors of one structure from its design rows (physical units, as FrameResult gives them)."""
-        L = self._factor()
-        e_std = float(np.sqrt(np.sum((np.asarray(phi_energy) @ L) ** 2)))
-        pf = np.asarray(phi_forces).reshape(self.ncoef, -1).T @ L  # (3N, r)
-        f_std = np.sqrt(np.sum(pf ** 2, axis=1))
-        ps = np.asarray(phi_stress).reshape(self.ncoef, 6).T @ L
-        s_std = np.sqrt(np.sum(ps ** 2, axis=1)) / GPA_EV_A3
-        return self._summary(e_std, f_std, s_std, ncell)
+        """Bayesian errors of one structure from its design rows (physical units, as FrameResult gives them: the
+        force rows already in the engine's frame)."""
+        return self.errors_from_rows(phi_energy, phi_forces, phi_stress, np.eye(3), ncell)
 
     def errors_from_rows(self, tau, force_rows, phi_stress, rotation, ncell: int) -> dict:
         """The same errors, exactly, from the compact rows of a frame (:func:`sp_server.kernels.anharmonic.
