@@ -158,6 +158,8 @@ class FitConfig:
                                   # R, O, T starts (docs/fitting.md)
     bound_pair_wall: float = 0.0  # eV/A^8: least value of each (u_a - u_b)^8 bounding term (BoundSettings.pair_wall;
                                   # the shipped BaTiO3 model: 1, docs/fitting.md)
+    bound_top_positive: bool = False  # the highest pure displacement order's even forms (x^6, x^4 y^2) kept >= 0:
+                                  # a top order positive by form (BoundSettings.top_order_positive, docs/fitting.md)
 
 
 @dataclass

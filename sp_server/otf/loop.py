@@ -181,13 +181,14 @@ class OnTheFly:
 
     def bound_settings(self, harmonic: Model) -> BoundSettings:
         """The boundedness check of every fit, from ``[fit]``: hot MD (temperature, cell, steps), relaxations from the
-        polar starts (and the polar-chain patterns with ``bound_chains``), pair walls."""
+        polar starts (and the polar-chain patterns with ``bound_chains``), pair walls, a top order positive by form."""
         f = self.config.fit
         hot = f.bound_temperature or max(300.0, 2.0 * max(self.config.loop.temperatures))
         backgrounds = polar_backgrounds(harmonic) + (chain_backgrounds(harmonic) if f.bound_chains else [])
         return BoundSettings(md_temperature=float(hot), backgrounds=tuple(backgrounds), md_cell=bool(f.bound_md_cell),
                              md_mesh=tuple(int(n) for n in f.bound_md_supercell), md_steps=int(f.bound_md_steps),
-                             pair_wall=float(f.bound_pair_wall), relax_max_strain=float(f.bound_relax_strain))
+                             pair_wall=float(f.bound_pair_wall), relax_max_strain=float(f.bound_relax_strain),
+                             top_order_positive=bool(f.bound_top_positive))
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self):

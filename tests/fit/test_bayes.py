@@ -1,4 +1,6 @@
 """Bayesian regression against a teacher model with known coefficients and injected noise."""
+import dataclasses
+
 import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -270,19 +272,26 @@ def test_bounded_by_construction_keeps_the_data(teacher, base):
     assert report.rmse["forces"] < no_refit["forces"]
 
 
-def test_refit_starts_from_the_cuts_of_the_last_fit(teacher, base, tmp_path):
-    """The rays a constrained fit's check found failing are its bound report's "cuts"; written and read back
-    (probes.save_rays / load_rays: what the loop keeps in bound_cuts.npz) they are the same rays, and a refit given
-    them starts with them as constraints and needs no more rounds than the first fit."""
-    from sp_server.fit.bound import BoundSettings, bounding_coefficients, fit_bounded
-    from sp_server.fit.probes import load_rays, save_rays
+def _negative_quartic_data(teacher, base):
+    """(training set, pool indices of the bounding terms): 10 noiseless frames of a teacher whose only anharmonic
+    term is its quartic at -0.9 (unbounded), for a pool of that quartic and the bounding terms."""
+    from sp_server.fit.bound import bounding_coefficients
     bad = Model(teacher.reference, teacher.harmonic, AnharmonicPart([teacher.anharmonic.coefficients[0]], [-0.9]),
                 name="unbounded")
     bounding = bounding_coefficients(base)
     ts = TrainingSet(base, [bad.anharmonic.coefficients[0]] + bounding)
     for label, a in noisy_data(bad, 10, seed=5, noise=0.0):
         ts.add(a, label)
-    idx = list(range(1, 1 + len(bounding)))
+    return ts, list(range(1, 1 + len(bounding)))
+
+
+def test_refit_starts_from_the_cuts_of_the_last_fit(teacher, base, tmp_path):
+    """The rays a constrained fit's check found failing are its bound report's "cuts"; written and read back
+    (probes.save_rays / load_rays: what the loop keeps in bound_cuts.npz) they are the same rays, and a refit given
+    them starts with them as constraints and needs no more rounds than the first fit."""
+    from sp_server.fit.bound import BoundSettings, fit_bounded
+    from sp_server.fit.probes import load_rays, save_rays
+    ts, idx = _negative_quartic_data(teacher, base)
     fast = BoundSettings(n_directions=60, md_steps=150, md_temperature=600.0)
     first_log, again_log = [], []
     _, _, first = fit_bounded(ts, base, bounding=idx, settings=fast, log=first_log.append)
@@ -303,3 +312,31 @@ def test_refit_starts_from_the_cuts_of_the_last_fit(teacher, base, tmp_path):
     with pytest.raises(ValueError, match="cuts.txt"):
         (tmp_path / "cuts.txt").write_text("not rays")
         load_rays(tmp_path / "cuts.txt")
+
+
+def test_positive_by_form_finds_the_even_top_order(teacher):
+    """The toy's pure displacement orders are 4 and 6: only its (Ti-O)^6 coefficient (even powers, positive weights)
+    is the top order positive by form; a lower even order, a strain coupling or an odd form is not."""
+    from sp_server.fit.bound import positive_by_form
+    from sp_server.model.terms import Coefficient, Term
+    coefs = list(teacher.anharmonic.coefficients)
+    top = positive_by_form(coefs)
+    assert [coefs[j].displacement_order for j in top] == [6] and coefs[top[0]].strain_order == 0
+    d = coefs[top[0]].terms[0].displacements[0]
+    other = dataclasses.replace(d, direction=(d.direction + 1) % 3, power=1)
+    odd = Coefficient((Term(1.0, (dataclasses.replace(d, power=5), other)),), "odd sixth")
+    negative = Coefficient((Term(-1.0, (d,)),), "negative weight")
+    assert positive_by_form(coefs + [odd, negative]) == top
+    assert positive_by_form([c for c in coefs if c.strain_order > 0]) == []
+
+
+def test_top_order_positive_by_form_in_the_bounded_fit(teacher, base):
+    """The data of a negative quartic teacher fitted with the quartic as the top order and
+    BoundSettings.top_order_positive: the quartic is held at >= 0 (the fit says so), and the fit passes the check."""
+    from sp_server.fit.bound import BoundSettings, fit_bounded
+    ts, idx = _negative_quartic_data(teacher, base)
+    settings = BoundSettings(n_directions=60, md_steps=150, md_temperature=600.0, top_order_positive=True)
+    messages = []
+    model, _, check = fit_bounded(ts, base, bounding=idx, settings=settings, log=messages.append)
+    assert "top order positive by form: 1 coefficients kept >= 0" in messages
+    assert check.bounded and model.anharmonic.values[0] >= -1e-9, messages
