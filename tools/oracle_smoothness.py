@@ -22,6 +22,13 @@ from sp_server.otf.structures import cubic_perovskite
 from sp_server.validate.ground_state import double_well, ground_state, model_calculator
 
 
+def curvature_profile(harm, calc, pattern, lams) -> np.ndarray:
+    """E/lambda^2 (meV/cell) of ``calc`` at the cubic cell of ``harm`` displaced by lambda x ``pattern`` ((nat, 3),
+    A), for each lambda of ``lams``."""
+    lams = np.asarray(lams, dtype=float)
+    return np.array(double_well(harm, {"calc": calc}, pattern, lams).energies["calc"]) / lams ** 2
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--oracles", nargs="+", default=["chgnet", "sevenn"])
@@ -37,8 +44,8 @@ def main(argv=None):
         gs = ground_state(harm, calc, name, "R")
         pattern = np.array(gs.displacements)
         for label, c in ((name, calc), (f"{name} harmonic part", model_calculator(harm))):
-            e = np.array(double_well(harm, {label: c}, pattern, lams).energies[label])
-            print(f"{label:24s} " + " ".join(f"{x:8.1f}" for x in e / lams ** 2), flush=True)
+            print(f"{label:24s} " + " ".join(f"{x:8.1f}" for x in curvature_profile(harm, c, pattern, lams)),
+                  flush=True)
         print(f"{'':24s} (a0 {np.cbrt(harm.reference.volume):.4f} A; R3m E - E_cubic {gs.energy_mev:.2f} meV/cell, "
               f"largest displacement {np.abs(pattern).max():.3f} A)", flush=True)
 

@@ -35,6 +35,8 @@ from sp_server.otf.config import OtfConfig
 from sp_server.store.store import Store
 from sp_server.validate.accuracy import accuracy, read_frames
 
+from oracle_smoothness import curvature_profile  # tools/ is this script's folder
+
 
 def errors(model, frames) -> str:
     if not frames:
@@ -61,9 +63,9 @@ class Statics:
         # part's value at 0; an oracle that is not (e.g. flat below some amplitude) cannot be fitted exactly
         lams = np.array([0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0])
         for name, calc in (("oracle", oracle), ("harmonic part", model_calculator(harm))):
-            e = np.array(double_well(harm, {name: calc}, self.pattern, lams).energies[name])
+            profile = curvature_profile(harm, calc, self.pattern, lams)
             print(f"{name} E/lambda^2 along the R3m pattern (meV/cell) at lambda = "
-                  + ", ".join(f"{lam:g}: {x:.1f}" for lam, x in zip(lams, e / lams ** 2)), flush=True)
+                  + ", ".join(f"{lam:g}: {x:.1f}" for lam, x in zip(lams, profile)), flush=True)
         print("oracle statics: " + " ".join(f"{n} {e:.2f}" for n, e in self.phases.items())
               + f" | R3m a {self.a:.4f} A, E {self.e_r:.2f} | double well {self.depth:.2f} meV/cell", flush=True)
 

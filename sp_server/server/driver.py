@@ -54,6 +54,13 @@ class ServeSettings:
                                         # flagging on a quantity a frame has; trusted-range checks on every frame
 
 
+def error_request(stride: int, index: int) -> dict:
+    """The Bayesian errors of frame ``index`` (0-based) of a connection for ServeSettings.error_stride ``stride``:
+    all of them every stride-th frame, those of the energy pass (cheap) on the others, none with stride 0; the
+    keyword arguments of Evaluator.evaluate."""
+    return {"errors": stride > 0 and index % stride == 0, "local_errors": stride > 0}
+
+
 def read_trace(path) -> np.ndarray:
     """A trace file written with ``ServeSettings.trace_dir`` as a structured array, one row per frame (fields:
     frame, bead, model_version, energy_ev, err_<quantity> (NaN where not computed), untrusted); empty when the
@@ -349,10 +356,7 @@ class ForceServer:
         ref = model.reference
         # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
         # then cached), and take the species of their sites
-        # every frame gets the errors of the energy pass (cheap); every error_stride-th frame all of them; none with
-        # error_stride 0
-        stride = self.settings.error_stride
-        res = evaluator.evaluate(cell, pos, None, errors=stride > 0 and frame % stride == 0, local_errors=stride > 0)
+        res = evaluator.evaluate(cell, pos, None, **error_request(self.settings.error_stride, frame))
         numbers = np.empty(len(pos), dtype=int)
         numbers[res.frame.order] = np.tile(ref.numbers, len(pos) // ref.natoms)
         ncell = len(pos) // ref.natoms

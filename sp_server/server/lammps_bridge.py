@@ -25,7 +25,7 @@ from ase.data import atomic_masses
 from ..model.native import load_model
 from ..model.posterior import ErrorThreshold
 from ..potential import Evaluator
-from .driver import _Trajectory
+from .driver import _Trajectory, error_request
 from .queue import FlagQueue
 
 log = logging.getLogger("sp_server.lammps")
@@ -103,9 +103,8 @@ class LammpsBridge:
             self.numbers = self._species(order)
         cell = self._box()
         pos = np.asarray(x)[order]
-        flagging = self.queue is not None and self.error_stride > 0
-        res = self.evaluator.evaluate(cell, pos, self.numbers, errors=flagging and self.frames % self.error_stride == 0,
-                                      local_errors=flagging)
+        res = self.evaluator.evaluate(cell, pos, self.numbers,
+                                      **error_request(self.error_stride if self.queue is not None else 0, self.frames))
         forces = np.empty_like(res.forces)
         forces[order] = res.forces
         f[:] = forces
