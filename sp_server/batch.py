@@ -42,6 +42,8 @@ def iter_structures(path) -> Iterator[tuple[str, object]]:
     if path.suffix == ".db":
         with ase.db.connect(path) as db:
             for row in db.select():
+                if row.get("state") == "progress":   # a flag queue's progress row (sp_server.server.queue): no atoms
+                    continue
                 try:
                     yield f"{path}: row id={row.id}", row.toatoms()
                 except Exception as exc:  # a broken row must not hide the others

@@ -278,6 +278,17 @@ class Evaluator:
         return result
 
 
+    def atom_force_errors(self, cell, positions, numbers):
+        """(frame, errors): the mapped frame and each model site's Bayesian force error, eV/A ((N,), model site order:
+        ``frame.order[s]`` is the engine index of site s); see Posterior.atom_force_errors.  Needs a posterior."""
+        if self.model.posterior is None:
+            raise ValueError("per-atom Bayesian errors need a model with a posterior (from sp-server fit)")
+        with one_blas_thread():
+            frame = self.mapper.map(cell, positions, numbers)
+            ev = self.potential(frame.mesh).evaluate(frame.u, frame.eta, error_rows=True)
+            return frame, self.model.posterior.atom_force_errors(ev.force_rows)
+
+
 __all__ = ["PARTS", "Evaluation", "Evaluator", "FrameResult", "SupercellPotential", "strain_derivative",
            "strain_derivative_virial",
            "matrix_from_voigt"]

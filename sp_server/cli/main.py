@@ -170,7 +170,8 @@ def _cmd_serve(args):
     if args.error_stride < 0:
         raise ValueError(f"--error-stride must be >= 0, got {args.error_stride}")
     settings = ServeSettings(threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
-                             wait=args.wait, error_stride=args.error_stride)
+                             wait=args.wait, error_stride=args.error_stride, trace_dir=args.trace,
+                             committee_extras=args.committee_extras)
     server = ForceServer(args.model, args.address, args.port, args.unix, args.connections, args.queue, settings)
     return server.serve_forever()
 
@@ -276,6 +277,29 @@ def _cmd_otf(args):
     return 0
 
 
+def _cmd_learn(args):
+    import logging
+
+    from ..otf.learn import Learner, LearnSettings
+    from ..store.db import LockTimeout
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    settings = LearnSettings(max_atoms=args.max_atoms, dedup_displacement=args.dedup_displacement,
+                             dedup_strain=args.dedup_strain, labels_per_hour=args.labels_per_hour,
+                             labels_total=args.labels_total, batch=args.batch, min_labels=args.min_labels,
+                             poll_s=args.poll, timestep_fs=tuple(args.timestep_fs or [2.0]),
+                             accept_tolerance=args.accept_tolerance,
+                             validation_every=args.validation_every, workers=args.workers)
+    learner = Learner(args.run_dir, args.queue, settings, config=args.config, progress=not args.no_progress)
+    try:
+        cycles = learner.run(max_cycles=args.max_cycles, idle_exit_s=args.idle_exit)
+    except LockTimeout as exc:   # another learner holds the run folder or a queue
+        print(f"sp-server learn: error: {exc} (one learner per run folder and per queue)", file=sys.stderr)
+        return 2
+    published = [h["version"] for h in learner.state["history"] if h["decision"] == "published"]
+    print(f"{cycles} cycle(s); versions published so far: {published or 'none'}; model {learner.dir / 'model.h5'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..validate import ITEMS as VALIDATION_ITEMS
     p = argparse.ArgumentParser(prog="sp-server", description="Second-principles lattice models: evaluate, serve, fit.")
@@ -368,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "about 3x the energy, forces and stress: docs/performance.md); the other frames get the "
                          "cheap ones of the energy pass (energy_mev_per_cell, local_energy_max_mev, about +20%%), "
                          "so --threshold local_energy_max_mev=V flags on every frame; 0: no Bayesian errors")
+    sv.add_argument("--committee-extras", action="store_true",
+                    help="also send the Bayesian energy error as i-PI committee extras (committee_pot: E -/+ "
+                         "sigma/sqrt 2, Hartree), read by i-PI's <ffcommittee> with <parse_json> (its "
+                         "committee_uncertainty and active-learning output)")
+    sv.add_argument("--trace", metavar="DIR", help="write every frame's energy (eV) and Bayesian errors to "
+                                                   "DIR/trace_K.csv, one file per connection K")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
     sv.set_defaults(func=_cmd_serve)
 
@@ -404,6 +434,42 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--report", action="store_true", help="only (re)write the report of the run folder")
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=_cmd_otf)
+
+    ln = sub.add_parser("learn", help="learn during production: label the flagged frames of running servers' queues "
+                                      "and refit an on-the-fly run; the servers hot-reload each published version")
+    ln.add_argument("run_dir", metavar="RUN_DIR", help="an on-the-fly run folder (sp-server otf); serve its model.h5")
+    ln.add_argument("--queue", metavar="DB", action="append", required=True,
+                    help="a flag queue (SQLite file or postgresql:// URL) that servers write (serve/lammps --queue); "
+                         "repeat for several")
+    ln.add_argument("--config", metavar="CONFIG.toml", help="configuration (oracle, fit, label workers) instead of "
+                                                            "RUN_DIR/config.toml")
+    ln.add_argument("--max-atoms", type=int, default=135,
+                    help="larger frames are carved into periodic sub-cells around the atom of largest Bayesian "
+                         "force error (default 135: 3x3x3 perovskite cells)")
+    ln.add_argument("--dedup-displacement", type=float, default=0.03, metavar="A",
+                    help="a frame within this of a known one (every atom, after a lattice translation) is a "
+                         "duplicate (default 0.03 A)")
+    ln.add_argument("--dedup-strain", type=float, default=0.005, help="... and every strain component within this")
+    ln.add_argument("--labels-per-hour", type=float, help="budget: frames sent to labelling per hour")
+    ln.add_argument("--labels-total", type=int, help="budget: frames sent to labelling in all")
+    ln.add_argument("--batch", type=int, default=40, help="frames pulled per cycle at most (default 40)")
+    ln.add_argument("--min-labels", type=int, default=10,
+                    help="refit once this many new labels are in, or when the queues ran dry (default 10)")
+    ln.add_argument("--poll", type=float, default=30.0, metavar="S", help="seconds between looks at idle queues")
+    ln.add_argument("--timestep-fs", type=float, action="append",
+                    help="the engines' MD time step in fs, for the flag rate per ps: once for all queues or once per "
+                         "--queue, in the same order (default 2)")
+    ln.add_argument("--accept-tolerance", type=float, default=0.05,
+                    help="publish a candidate whose validation energy and force RMSE are at most this much "
+                         "(relative) above the current model's (default 0.05)")
+    ln.add_argument("--validation-every", type=int, default=8,
+                    help="every n-th frame is kept for validation, never trained on (default 8; 0: none)")
+    ln.add_argument("--workers", type=int, help="labelling workers (mpiexec; default: the run's [label] workers)")
+    ln.add_argument("--max-cycles", type=int, help="stop after this many cycles (default: run until SIGTERM)")
+    ln.add_argument("--idle-exit", type=float, metavar="S",
+                    help="stop after S seconds without a new frame or label (e.g. when the production runs ended)")
+    ln.add_argument("--no-progress", action="store_true")
+    ln.set_defaults(func=_cmd_learn)
 
     v = sub.add_parser("validate", help="validation report, model and oracle side by side: the paper's tables and "
                                         "figures (ground state, metastable phases, phonons, thermal transport, "

@@ -130,6 +130,15 @@ class Posterior:
         s_std = np.sqrt(np.sum(ps ** 2, axis=1)) / GPA_EV_A3
         return self._summary(e_std, f_std, s_std, ncell)
 
+    def atom_force_errors(self, force_rows) -> np.ndarray:
+        """Each atom's Bayesian force error, eV/A: the standard deviation of the predicted force vector's length
+        sqrt(sum over components of their variances), from the compact rows (nz, N, 3) of
+        :func:`sp_server.kernels.anharmonic.error_rows`, in their (model site) order.  A rigid rotation of the frame
+        leaves it unchanged."""
+        rows = np.asarray(force_rows)
+        y = matmul(self._factor_t(), rows.reshape(self.ncoef, -1)).reshape(-1, rows.shape[1], 3)
+        return np.sqrt(np.einsum("rna,rna->n", y, y))
+
     def local_errors(self, tau_cells) -> dict:
         """The errors of the energy pass, exactly, from each reference cell's energy of each coefficient at unit value
         (tau_cells (ncell, nz), eV; :func:`sp_server.kernels.anharmonic.energy_grad`): energy_mev_per_cell and

@@ -286,7 +286,8 @@ class OnTheFly:
             if o.status != "done":
                 self.log(f"  MD {o.name} at {T:g} K: {o.status} after {o.frames} frames {o.message}".rstrip())
         # flagged frames: the largest errors first, at most the cap; untrusted frames always
-        rows = [] if not (folder / "queue.db").exists() else Store(folder / "queue.db").rows()
+        rows = [] if not (folder / "queue.db").exists() else [r for r in Store(folder / "queue.db").rows()
+                                                               if r.get("state") != "progress"]
         q = f"err_{threshold.quantity}"
         # untrusted frames (far outside the data: exploded MD) are not labelled; the frame where each such
         # excursion began is, first; then the local maxima with the largest errors, up to the cap
@@ -449,9 +450,13 @@ class OnTheFly:
             stop_process(proc)
 
     # ------------------------------------------------------------------------------------------------ refit
-    def fit_stage(self):
+    def training_statistics(self) -> tuple:
+        """(TrainingSet, FitReport, harmonic model, bounding term indices, number of frames added now): the run's
+        sufficient statistics
+        (stats.npz) brought up to date with every labelled training frame of the store not yet in them (an unusable
+        frame is excluded in the store, with its reason).  Idempotent: the statistics record the store ids they
+        hold, and are written atomically."""
         cfg = self.config
-        t0 = time.monotonic()
         harmonic = load_model(self.dir / "harmonic.h5")
         pool_model = load_model(self.dir / "pool.h5")
         pool = pool_model.anharmonic.coefficients
@@ -472,10 +477,41 @@ class OnTheFly:
                 self.store.exclude(int(label.split("=")[1]), f"not usable for the fit: {reason}")
             ids |= {r.id for r in rows}
             ts.save(stats_path, ids=np.array(sorted(ids), dtype=int))
+        return ts, report, harmonic, bounding, len(rows)
+
+    def fit_model(self, ts, harmonic, bounding, version: int, report) -> tuple:
+        """(model, report, bounded): the fit of the statistics ``ts`` as model ``version`` (bounded under
+        constraints with ``[fit] bound``, the probe rays found failing kept in bound_cuts.npz for the next fits;
+        bounded is None without ``bound``).  Nothing is published here."""
+        cfg = self.config
+        if not cfg.fit.bound:
+            model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
+                                             name="otf", report=report,
+                                             version=version, fixed={j: 0.0 for j in bounding})
+            return model, report, None
+        cuts_path = self.dir / "bound_cuts.npz"
+        try:
+            cuts = load_rays(cuts_path) if cuts_path.exists() else []
+        except ValueError as exc:   # a damaged file only costs the rounds that find them again
+            self.log(f"  {exc}; the constrained fit starts from its probes alone")
+            cuts = []
+        model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
+                                           bounding=bounding, name="otf", cuts=cuts,
+                                           version=version, report=report, log=lambda m: self.log(f"  {m}"),
+                                           settings=self.bound_settings(harmonic))
+        found = bound.details.get("cuts", [])
+        if len(found) != len(cuts) or any(a is not b for a, b in zip(found, cuts)):
+            save_rays(cuts_path, found)
+        return model, report, bound.bounded
+
+    def fit_stage(self):
+        cfg = self.config
+        t0 = time.monotonic()
+        ts, report, harmonic, bounding, n_new = self.training_statistics()
         version = self.state["model_version"] + 1
         bounded = None
         current = self.dir / "model.h5"
-        kept = load_model(current) if not rows and self.state["model_version"] > 0 and current.exists() else None
+        kept = load_model(current) if not n_new and self.state["model_version"] > 0 and current.exists() else None
         if kept is not None and (kept.metadata.get("otf") or {}).get("n_train") == ts.n_structures:
             # nothing new to fit (the model was fitted on these very statistics; a stop between the statistics and
             # the model refits): the fit is deterministic, so the model is kept instead of being refitted and
@@ -485,26 +521,8 @@ class OnTheFly:
             report.rmse = dict(model.metadata.get("fit", {}).get("rmse_train", {}))
             report.sigma_v = model.posterior.sigma_v if model.posterior is not None else float("nan")
             self.log(f"  no new labels: model v{version} kept")
-        elif cfg.fit.bound:
-            cuts_path = self.dir / "bound_cuts.npz"
-            try:
-                cuts = load_rays(cuts_path) if cuts_path.exists() else []
-            except ValueError as exc:   # a damaged file only costs the rounds that find them again
-                self.log(f"  {exc}; the constrained fit starts from its probes alone")
-                cuts = []
-            settings = self.bound_settings(harmonic)
-            model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
-                                               bounding=bounding, name="otf", cuts=cuts,
-                                               version=version, report=report, log=lambda m: self.log(f"  {m}"),
-                                               settings=settings)
-            bounded = bound.bounded
-            found = bound.details.get("cuts", [])
-            if len(found) != len(cuts) or any(a is not b for a, b in zip(found, cuts)):
-                save_rays(cuts_path, found)
         else:
-            model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
-                                             name="otf", report=report,
-                                             version=version, fixed={j: 0.0 for j in bounding})
+            model, report, bounded = self.fit_model(ts, harmonic, bounding, version, report)
         if version != self.state["model_version"]:
             model.metadata["otf"] = {"iteration": self._iteration_key(), "n_train": ts.n_structures,
                                      "bounded": bounded}

@@ -30,11 +30,11 @@ from ..threads import engine_environment
 
 log = logging.getLogger("sp_server.otf.md")
 
-IPI_INPUT = """<!-- written by sp_server.otf: NPT (flexible cell) served by the sp_server force server -->
+IPI_INPUT = """<!-- written by sp_server.otf: {what} served by the sp_server force server -->
 <simulation verbosity='low' safe_stride='{steps}' floatformat='%24.16e'>
   <output prefix='md'>
     <properties stride='10' filename='out'> [ step, time{{picosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, potential{{electronvolt}}, volume{{angstrom3}}, pressure_md{{gigapascal}} ] </properties>
-    <trajectory filename='pos' stride='{stride}' format='ase'> positions </trajectory>
+    <trajectory filename='pos' stride='{stride}' format='ase'{bead}> positions </trajectory>
   </output>
   <total_steps>{steps}</total_steps>
   <prng><seed>{seed}</seed></prng>
@@ -43,12 +43,17 @@ IPI_INPUT = """<!-- written by sp_server.otf: NPT (flexible cell) served by the 
     <latency>1e-4</latency>
   </ffsocket>
   <system>
-    <initialize nbeads='1'>
+    <initialize nbeads='{beads}'>
       <file mode='ase'>init.extxyz</file>
       <velocities mode='thermal' units='kelvin'>{temperature}</velocities>
     </initialize>
     <forces><force forcefield='sp'/></forces>
-    <ensemble>
+{ensemble_motion}
+  </system>
+</simulation>
+"""
+
+NPT_BLOCK = """    <ensemble>
       <temperature units='kelvin'>{temperature}</temperature>
       <pressure units='gigapascal'>{pressure}</pressure>
     </ensemble>
@@ -61,10 +66,15 @@ IPI_INPUT = """<!-- written by sp_server.otf: NPT (flexible cell) served by the 
           <thermostat mode='langevin'><tau units='femtosecond'>{tau_t}</tau></thermostat>
         </barostat>
       </dynamics>
-    </motion>
-  </system>
-</simulation>
-"""
+    </motion>"""
+
+PIMD_NVT_BLOCK = """    <ensemble><temperature units='kelvin'>{temperature}</temperature></ensemble>
+    <motion mode='dynamics'>
+      <dynamics mode='nvt'>
+        <timestep units='femtosecond'>{timestep}</timestep>
+        <thermostat mode='pile_l'><tau units='femtosecond'>{tau_t}</tau></thermostat>
+      </dynamics>
+    </motion>"""
 
 
 @dataclass
@@ -75,6 +85,7 @@ class MDJob:
     temperature: float   # K
     steps: int
     seed: int
+    beads: int = 1       # > 1: path-integral MD at fixed cell (NVT, PILE-L thermostat); 1: NPT, flexible cell
 
 
 @dataclass
@@ -120,13 +131,20 @@ def trajectory_tail(traj, log: Optional[Callable] = None) -> list:
 
 
 def write_ipi_input(job: MDJob, address: str, settings: MDSettings):
+    """i-PI's input.xml and init.extxyz in the job's folder: NPT with a flexible cell (one bead), or path-integral
+    NVT with ``job.beads`` beads (PILE-L; the trajectory of bead 0)."""
     job.directory.mkdir(parents=True, exist_ok=True)
     ase.io.write(job.directory / "init.extxyz", job.atoms, format="extxyz")
+    values = dict(temperature=float(job.temperature), pressure=float(settings.pressure_gpa),
+                  timestep=float(settings.timestep_fs), tau_t=float(settings.thermostat_tau_fs),
+                  tau_p=float(settings.barostat_tau_fs))
+    beads = int(job.beads)
+    block = (NPT_BLOCK if beads == 1 else PIMD_NVT_BLOCK).format(**values)
     (job.directory / "input.xml").write_text(IPI_INPUT.format(
+        what="NPT (flexible cell)" if beads == 1 else f"path-integral NVT ({beads} beads, PILE-L)",
         steps=int(job.steps), stride=int(settings.trajectory_stride), seed=int(job.seed), address=address,
-        temperature=float(job.temperature), pressure=float(settings.pressure_gpa),
-        timestep=float(settings.timestep_fs), tau_t=float(settings.thermostat_tau_fs),
-        tau_p=float(settings.barostat_tau_fs)))
+        temperature=float(job.temperature), beads=beads, bead="" if beads == 1 else " bead='0'",
+        ensemble_motion=block))
 
 
 def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThreshold,

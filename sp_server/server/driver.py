@@ -29,6 +29,7 @@ from ..model.mapping import MappingError, symmetric_from_voigt
 from ..model.native import ModelFileError, load_model
 from ..model.posterior import ERROR_KEYS, ErrorThreshold
 from ..potential import Evaluator
+from ..units import HARTREE_EV
 from .protocol import Connection, EngineClosed, ProtocolError, connect
 from .queue import FlagQueue
 
@@ -52,6 +53,8 @@ class ServeSettings:
                                         # the energy + forces: docs/performance.md); the others get those of the
                                         # energy pass (energy_mev_per_cell, local_energy_max_mev: ~20%); 0: none;
                                         # flagging on a quantity a frame has; trusted-range checks on every frame
+    committee_extras: bool = False      # add i-PI committee extras (committee_pot: committee_energies), so that
+                                        # i-PI's <ffcommittee> with parse_json reads the Bayesian energy error
 
 
 def error_request(stride: int, index: int) -> dict:
@@ -67,6 +70,17 @@ def read_trace(path) -> np.ndarray:
     file holds no frame yet."""
     data = np.genfromtxt(path, delimiter=",", names=True, skip_header=1)
     return np.atleast_1d(data) if data.size else data.reshape(0)
+
+
+def committee_energies(energy_ev: float, error_mev_per_cell: float, ncell: int) -> list:
+    """Two committee energies in Hartree, E -/+ sigma/sqrt(2), sigma = the Bayesian error of the total energy
+    (eV, from the per-cell ``error_mev_per_cell`` of ``ncell`` reference cells): i-PI's <ffcommittee> (with
+    parse_json) takes their mean, exactly E, as the energy and their standard deviation (ddof 1), exactly sigma,
+    as its ``committee_uncertainty``, which its active-learning output (active_thresh, active_output) compares to
+    its threshold.  The members carry no forces or virials: i-PI then uses the server's own."""
+    sigma = 1e-3 * float(error_mev_per_cell) * int(ncell)
+    half = sigma / np.sqrt(2.0)
+    return [(energy_ev - half) / HARTREE_EV, (energy_ev + half) / HARTREE_EV]
 
 
 class UntrustedFrame(RuntimeError):
@@ -183,9 +197,16 @@ class ForceServer:
         self.port, self.unix = port, unix
         self.n_connections = connections
         self.settings = settings
+        if settings.committee_extras and (self.holder.model.posterior is None or settings.error_stride == 0):
+            raise ValueError(f"committee extras need the Bayesian errors: {model_path} has no posterior"
+                             if self.holder.model.posterior is None else
+                             "committee extras need the Bayesian errors on every frame: not with --error-stride 0")
         if settings.threshold is None and self.holder.model.posterior is not None:
             settings.threshold = ErrorThreshold()
         self.queue = FlagQueue(queue) if queue else None
+        self._beads: dict = {}    # engine (address index) -> bead indices seen (PIMD: one frame per bead and step)
+        if self.queue is not None:
+            self.queue.report_progress(self.progress)
         self.stop = threading.Event()
         self.results: list = []
         self.outcomes: dict = {}  # connection index -> "exit" | "error" | "untrusted" | "stopped" | ...
@@ -197,6 +218,16 @@ class ForceServer:
     @property
     def frames_total(self) -> int:
         return sum(self.frames.values())
+
+    def progress(self) -> dict:
+        """{"frames": force evaluations so far, "md_steps": MD steps so far summed over the engines (each engine's
+        frames divided by the number of beads it sent)}: the flag queue's progress row."""
+        frames = dict(self.frames)
+        steps = 0.0
+        for a in range(len(self.addresses)):
+            n = sum(frames.get(k, 0) for k in range(a * self.n_connections, (a + 1) * self.n_connections))
+            steps += n / max(len(self._beads.get(a, ())), 1)
+        return {"frames": sum(frames.values()), "md_steps": steps}
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     def _connect(self, k: int) -> Optional[Connection]:
@@ -272,6 +303,7 @@ class ForceServer:
                 elif msg == "POSDATA":
                     cell, pos = conn.recv_posdata()
                     t0 = time.perf_counter()
+                    self._beads.setdefault(k // self.n_connections, set()).add(bead)
                     t_first = t0 if t_first is None else t_first
                     t_last = t0
                     gen, model = self.holder.poll()
@@ -372,6 +404,8 @@ class ForceServer:
         if errors:
             extra["bayesian_error"] = errors
             extra.update({f"sp_err_{key}": v for key, v in errors.items()})
+            if self.settings.committee_extras and "energy_mev_per_cell" in errors:
+                extra["committee_pot"] = committee_energies(res.energy, errors["energy_mev_per_cell"], ncell)
         record = {"cell": cell, "positions": pos, "numbers": numbers, "frame": frame, "bead": bead,
                   "connection": k, "model_version": model.version, "errors": errors,
                   "energy_ev": float(res.energy), "max_displacement": float(res.frame.max_displacement)}

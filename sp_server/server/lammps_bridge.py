@@ -5,7 +5,9 @@ LAMMPS Python module, and evaluates the model in-process for the deck's ``fix ID
 forces, the energy (fix_external_set_energy_global) and the virial -V sigma (set_virial_global, so barostats
 work; add ``fix_modify ID energy yes virial yes``).  Species come from the masses of the atom types.  With a
 posterior and ``--queue``, frames are flagged exactly as by ``sp-server serve`` (local maxima of the Bayesian error
-above the threshold, untrusted frames at once).  LAMMPS runs on one MPI rank here; the model uses Numba threads.
+above the threshold, untrusted frames at once), with a progress row for ``sp-server learn``'s flag rate; the model
+file is hot-reloaded between two steps when it is replaced (LAMMPS keeps its state).  LAMMPS runs on one MPI rank
+here; the model uses Numba threads.
 """
 from __future__ import annotations
 
@@ -22,10 +24,9 @@ from typing import Optional
 import numpy as np
 from ase.data import atomic_masses
 
-from ..model.native import load_model
 from ..model.posterior import ErrorThreshold
 from ..potential import Evaluator
-from .driver import _Trajectory, error_request
+from .driver import ModelHolder, _Trajectory, error_request
 from .queue import FlagQueue
 
 log = logging.getLogger("sp_server.lammps")
@@ -64,9 +65,13 @@ def _deck_commands(path: Path):
 class LammpsBridge:
     def __init__(self, model_path, *, queue: Optional[str] = None, threshold: Optional[ErrorThreshold] = None,
                  max_displacement: float = 1.0, error_stride: int = 1):
-        self.model = load_model(model_path)
+        self.holder = ModelHolder(model_path)
+        self.model = self.holder.model
         self.evaluator = Evaluator(self.model)
+        self._generation = self.holder.generation
         self.queue = FlagQueue(queue) if queue else None
+        if self.queue is not None:
+            self.queue.report_progress(lambda: {"frames": self.frames, "md_steps": float(self.frames)})
         if threshold is None and self.model.posterior is not None:
             threshold = ErrorThreshold()
         self.traj = _Trajectory(threshold) if self.queue is not None else None
@@ -103,6 +108,9 @@ class LammpsBridge:
             self.numbers = self._species(order)
         cell = self._box()
         pos = np.asarray(x)[order]
+        generation, model = self.holder.poll()   # hot reload between two steps: LAMMPS keeps its state
+        if generation != self._generation:
+            self._generation, self.model, self.evaluator = generation, model, Evaluator(model)
         res = self.evaluator.evaluate(cell, pos, self.numbers,
                                       **error_request(self.error_stride if self.queue is not None else 0, self.frames))
         forces = np.empty_like(res.forces)

@@ -20,6 +20,12 @@ bounded back-off (``retry_first`` doubling up to ``retry_max`` seconds), each fa
 number of frames held; frames put meanwhile wait behind it, in order.  What is still unwritten when ``close()``
 gives up is reported (log and return value) and dumped to an extxyz file beside the queue (SQLite) or in the
 current folder (PostgreSQL); :func:`requeue` writes such a dump into a queue later.
+
+Progress: with :meth:`FlagQueue.report_progress`, the writer also keeps one row per process with state 'progress'
+(no atoms; key-value pairs server = host:pid:start, frames = force evaluations so far, md_steps = MD steps so far,
+summed over the engines: frames / beads for each, updated_at = Unix time; reason 'progress' and frame -1), refreshed every few seconds and at
+close, so that a consumer (``sp-server learn``) can turn the flags into a rate per ps of MD.  A failed progress
+write is logged and never holds back a frame.  Select the frames of a queue with :data:`FRAME_ROWS`.
 """
 from __future__ import annotations
 
@@ -27,17 +33,21 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ase import Atoms
 
 from ..store.db import PG_CONNECT_TIMEOUT_S, is_postgres, redact, transaction as _transaction
 
 log = logging.getLogger("sp_server.queue")
+
+#: the ase.db selection of a queue's frames (every row but the servers' progress rows)
+FRAME_ROWS = "state!=progress"
 
 #: frames per transaction at most (a larger backlog, e.g. after an outage, goes in several transactions)
 MAX_BATCH = 1000
@@ -88,6 +98,11 @@ class FlagQueue:
         self.rejected = 0                # records that could not be turned into a row (a bug: logged)
         self.unwritten = 0               # frames that close() could not write
         self.dump_path: Optional[Path] = None
+        self._progress: Optional[Callable[[], dict]] = None
+        self._progress_every = 5.0
+        self._progress_at = -float("inf")
+        self._progress_row: Optional[int] = None
+        self.progress_key = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
         for attempt in range(3):  # fail early, in the caller, on a bad URL or path; create the tables once, here
             try:
                 with _transaction(self.url) as db:
@@ -102,6 +117,30 @@ class FlagQueue:
 
     def put(self, record: dict):
         self._q.put(record)
+
+    def report_progress(self, source: Callable[[], dict], every: float = 5.0):
+        """Keep this process's progress row up to date (see the module docstring): ``source()`` returns
+        {"frames": int, "md_steps": float}; called by the writer thread every ``every`` s and once at close."""
+        self._progress = source
+        self._progress_every = float(every)
+
+    def _write_progress(self, force: bool = False):
+        if self._progress is None or (not force and time.monotonic() - self._progress_at < self._progress_every):
+            return
+        self._progress_at = time.monotonic()
+        try:
+            p = self._progress()
+            kv = {"frames": int(p.get("frames", 0)), "md_steps": float(p.get("md_steps", 0.0)),
+                  "updated_at": time.time()}
+            with _transaction(self.url) as db:
+                if self._progress_row is not None and db.count(id=self._progress_row, server=self.progress_key):
+                    db.update(self._progress_row, **kv)
+                else:
+                    self._progress_row = db.write(Atoms(), state="progress", reason="progress", frame=-1, bead=-1,
+                                                  connection=-1, server=self.progress_key, **kv)
+        except Exception as exc:   # progress is for rates only: never a reason to stop or to hold frames
+            log.warning("flag queue %s: progress row not written (%s: %s)", redact(self.url), type(exc).__name__,
+                        exc)
 
     # ------------------------------------------------------------------------------------------------ writer
     def _held_total(self) -> int:
@@ -136,6 +175,7 @@ class FlagQueue:
         failed_in_row = 0
         while True:
             self._take(block=not self._held)
+            self._write_progress()
             if self._held:
                 chunk = self._held[:MAX_BATCH]
                 try:
@@ -189,6 +229,8 @@ class FlagQueue:
         with self._lock:
             self._abandoned = True
             left = list(self._held)
+        if not stuck:
+            self._write_progress(force=True)
         self._take(block=False)   # put after the writer stopped (or while it hangs)
         with self._lock:
             left += self._held[len(left):]

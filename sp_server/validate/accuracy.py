@@ -55,6 +55,8 @@ def read_frames(path, select: Optional[str] = None):
             rows = list(db.select(select) if select else db.select())
         out = []
         for row in rows:
+            if row.get("state") == "progress":   # a flag queue's progress row: no atoms
+                continue
             atoms = row.toatoms()
             atoms.info["source"] = f"{path.name} id={row.id}"
             out.append(atoms)

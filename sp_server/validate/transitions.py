@@ -217,8 +217,10 @@ def _queued(url: Path) -> int:
     if not url.exists():
         return 0
     from ase.db import connect
+
+    from ..server.queue import FRAME_ROWS
     with connect(str(url)) as db:
-        return db.count()
+        return db.count(FRAME_ROWS)
 
 
 def plot_transitions(result: Transitions, path) -> Path:

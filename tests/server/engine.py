@@ -89,3 +89,17 @@ class Driver:
 
     def close(self):
         self.sock.close()
+
+
+def md_like(model, mesh, amplitudes, seed):
+    """Frames of one random displacement pattern of ``model.supercell(mesh)`` at the given amplitudes (A): the
+    Bayesian error follows the amplitude, so the local maxima a server flags are known."""
+    rng = np.random.default_rng(seed)
+    base = model.supercell(mesh)
+    pattern = rng.normal(size=base.positions.shape)
+    frames = []
+    for a in amplitudes:
+        at = base.copy()
+        at.positions = base.positions + a * pattern
+        frames.append(at)
+    return frames

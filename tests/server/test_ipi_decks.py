@@ -7,6 +7,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import pytest
 
@@ -26,10 +27,17 @@ def run_deck(deck, tmp_path, steps, connections=1):
     text = re.sub(r"<total_steps>\d+</total_steps>", f"<total_steps>{steps}</total_steps>", text, count=1)
     text = re.sub(r"(<t_ramp>.*?<total_steps>)\d+", rf"\g<1>{steps}", text, flags=re.S)
     (work / "input.xml").write_text(text)
+    return run_ipi(work, name, connections)
+
+
+def run_ipi(work, name, connections=1, model=MODEL, serve_args=()):
+    """i-PI on work/input.xml (socket address ``name``) against `sp-server serve` of ``model`` (default: the toy
+    model) with ``serve_args``: the data of its properties file and the server's log."""
+    text = (work / "input.xml").read_text()
     ipi = subprocess.Popen([IPI, "input.xml"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        srv = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "serve", str(MODEL), "--address", name,
-                              "--unix", "--connections", str(connections), "--wait", "60"],
+        srv = subprocess.run([sys.executable, "-m", "sp_server.cli.main", "serve", str(model), "--address", name,
+                              "--unix", "--connections", str(connections), "--wait", "60", *map(str, serve_args)],
                              capture_output=True, text=True, timeout=600)
         out, _ = ipi.communicate(timeout=120)
     finally:
@@ -51,6 +59,24 @@ def test_decks_print_energies_at_full_precision():
         fmt = ET.parse(deck).getroot().get("floatformat", "%16.8e")  # i-PI's default
         for x in (-131572.65583636391, 2.0 / 3.0, -1.2345678901234567e-7):
             assert float(fmt % x) == x, f"{deck}: floatformat {fmt!r} prints {x!r} as {fmt % x}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("beads", [1, 3])
+def test_generated_inputs_npt_and_path_integral_run_in_ipi(tmp_path, beads):
+    """sp_server.otf.md.write_ipi_input: the loop's NPT and the path-integral NVT input run in the real i-PI."""
+    from sp_server.model.native import load_model
+    from sp_server.otf.md import MDJob, MDSettings, write_ipi_input
+    name = f"spg{uuid.uuid4().hex[:8]}"
+    atoms = load_model(MODEL).supercell((2, 2, 2))
+    write_ipi_input(MDJob("g", atoms, tmp_path, 200.0, 20, 3, beads), name, MDSettings(trajectory_stride=5))
+    data, log = run_ipi(tmp_path, name, connections=beads)
+    assert data[-1, 0] == 20 and np.all(np.isfinite(data))
+    assert log.count("connected to") == beads
+    frames = ase.io.read(tmp_path / "md.pos_0.extxyz", ":")
+    assert len(frames) in (4, 5) and len(frames[0]) == len(atoms)   # every 5th of 20 steps
+    volume = data[:, 5]
+    assert (np.ptp(volume) > 0) == (beads == 1)      # the flexible cell moves under NPT, PIMD is at fixed cell
 
 
 def test_nvt(tmp_path):

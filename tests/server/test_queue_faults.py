@@ -22,7 +22,7 @@ import pytest
 
 from sp_server.oracles.faults import structure_hash
 from tests.conftest import kill_at_marker
-from sp_server.server.queue import FlagQueue, redact, requeue
+from sp_server.server.queue import FRAME_ROWS, FlagQueue, redact, requeue
 from sp_server.store.db import connect
 
 PG_ENV = "SP_SERVER_TEST_POSTGRES"
@@ -341,7 +341,8 @@ def test_two_servers_and_two_labellers_share_one_postgresql_queue(tmp_path, toy,
 
     # the queue: what each server flagged, exactly once, nothing lost
     with ase.db.connect(pg_url) as db:
-        rows = list(db.select())
+        rows = list(db.select(FRAME_ROWS))
+        assert db.count(state="progress") == 2        # one progress row per server (sp-server learn's flag rate)
     expected = set()
     for i in range(2):
         errs = [x[3]["bayesian_error"]["force_max"] for x in results[i][:n]]

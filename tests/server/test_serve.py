@@ -13,6 +13,7 @@ from ase.calculators.socketio import SocketIOCalculator
 
 from sp_server import SecondPrinciplesCalculator
 from sp_server.model import save_model
+from sp_server.server.queue import FRAME_ROWS
 from tests.conftest import displaced
 
 
@@ -50,7 +51,7 @@ def test_socket_forces_equal_direct_evaluation(tmp_path, toy, name):
 
 
 # ------------------------------------------------------------------------------------------ with a fake engine
-from tests.server.engine import FakeEngine  # noqa: E402
+from tests.server.engine import FakeEngine, md_like  # noqa: E402
 
 
 def serve_frames(model_path, name, frames, *serve_args):
@@ -74,15 +75,7 @@ def fitted(fitted_toy):
 
 
 def trajectory(toy, amplitudes, seed=5):
-    rng = np.random.default_rng(seed)
-    base = toy.supercell((2, 2, 2))
-    pattern = rng.normal(size=base.positions.shape)
-    frames = []
-    for a in amplitudes:
-        at = base.copy()
-        at.positions = base.positions + a * pattern
-        frames.append(at)
-    return frames
+    return md_like(toy, (2, 2, 2), amplitudes, seed)
 
 
 def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name):
@@ -106,7 +99,7 @@ def test_flagging_local_maxima_and_untrusted_frames(tmp_path, fitted, toy, name)
     assert [x["frame"] for x in extras] == list(range(len(frames)))
     assert extras[2]["bayesian_error"]["force_max"] == pytest.approx(errs[2], rel=1e-9)
     with ase.db.connect(queue) as db:
-        rows = list(db.select())
+        rows = list(db.select(FRAME_ROWS))
     flagged = sorted(r.frame for r in rows if r.reason.startswith("local maximum"))
     untrusted = [r for r in rows if r.reason.startswith("untrusted")]
     entries = [r for r in rows if r.reason.startswith("entry")]
@@ -134,7 +127,7 @@ def test_error_stride_skips_bayesian_errors_but_never_the_trust_checks(tmp_path,
     assert all(set(x["bayesian_error"]) >= {"energy_mev_per_cell", "local_energy_max_mev"} for x in extras)
     assert [("force_max" in x["bayesian_error"]) for x in extras] == [True, False, False, True, False, False]
     with ase.db.connect(queue) as db:            # frame 6 has no force errors computed, yet it is caught as untrusted
-        assert [r.frame for r in db.select() if r.reason.startswith("untrusted")] == [len(frames)]
+        assert [r.frame for r in db.select(FRAME_ROWS) if r.reason.startswith("untrusted")] == [len(frames)]
 
 
 def test_flagging_on_the_local_energy_error_between_strides(tmp_path, fitted, toy, name):
@@ -156,7 +149,7 @@ def test_flagging_on_the_local_energy_error_between_strides(tmp_path, fitted, to
     assert ["force_max" in x for x in extras] == [True] + [False] * 5
     assert [x["local_energy_max_mev"] for x in extras] == pytest.approx(local, rel=1e-9)
     with ase.db.connect(queue) as db:
-        assert [r.frame for r in db.select() if r.reason.startswith("local maximum")] == [2]
+        assert [r.frame for r in db.select(FRAME_ROWS) if r.reason.startswith("local maximum")] == [2]
     results, out, rc = serve_frames(path, name, frames[:2], "--error-stride", 0)
     assert rc == 0, out
     assert all("bayesian_error" not in r[3] for r in results)
@@ -247,7 +240,10 @@ def test_sigterm_flushes_the_queue(tmp_path, fitted, toy, name):
         engine.close()
     assert "stopping, flushing the queue" in out
     with ase.db.connect(queue) as db:
-        assert db.count() == 1
+        assert db.count(FRAME_ROWS) == 1
+        # and the server's progress row (sp-server learn's flag rate per ps), written at close
+        progress = list(db.select(state="progress"))
+        assert len(progress) == 1 and progress[0].frames == 1 and progress[0].md_steps == 1.0
 
 
 def test_one_process_serves_two_engines(tmp_path, toy):
@@ -289,5 +285,5 @@ def test_queue_in_postgresql(tmp_path, toy, name):
     _, out, rc = serve_frames(path, name, [far], "--queue", url)
     assert rc == 0, out
     with ase.db.connect(url) as db:
-        rows = list(db.select())
+        rows = list(db.select(FRAME_ROWS))
     assert len(rows) == 1 and rows[0].state == "untrusted" and rows[0].reason.startswith("untrusted") and len(rows[0].toatoms()) == 40
