@@ -54,9 +54,13 @@ def _cmd_import(args):
     if args.ddb is None and args.system is None:
         raise ValueError("give --ddb DDB and/or --system SYSTEM.xml")
     model = import_multibinit(ddb=args.ddb, system=args.system, coefficients=args.coefficients,
-                              dipdip=not args.no_dipdip)
+                              dipdip=not args.no_dipdip, asymmetry_tolerance=args.asymmetry_tolerance)
     path = save_model(model, args.output)
     print(model.summary().splitlines()[0])
+    for fix in model.metadata.get("symmetrisation", []):   # the DFPT noise removed, as anaddb does
+        where = f" (line {fix['line']})" if fix["line"] else ""
+        print(f"symmetrised: {fix['quantity']}{where}: largest deviation {fix['max']:.3g}"
+              f"{' ' + fix['unit'] if fix['unit'] else ''} ({fix['relative']:.1e} of its largest element)")
     print(f"{len(model.anharmonic)} anharmonic coefficient(s); dipole-dipole "
           f"{'on' if model.harmonic.has_dipole else 'off'}; written to {path}")
     return 0
@@ -321,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--coefficients", metavar="COEFFS.xml", help="MULTIBINIT coefficient XML (anharmonic part)")
     im.add_argument("--no-dipdip", action="store_true",
                     help="no dipole-dipole part (MULTIBINIT dipdip 0); default: on, as dipdip 1")
+    im.add_argument("--asymmetry-tolerance", type=float, default=None, metavar="X",
+                    help="DFPT blocks are symmetrised as anaddb does (their noise is logged); an asymmetry beyond X "
+                         "times a block's largest element is refused as a broken file (default 1e-2)")
     im.add_argument("-o", "--output", metavar="MODEL", required=True)
     im.set_defaults(func=_cmd_import)
 

@@ -46,6 +46,12 @@ __all__ = ["DDB", "DDBFormatError", "read_ddb", "unfold_qmesh", "harmonic_from_d
 _IFC = HARTREE_EV / BOHR_A ** 2
 #: largest perturbation index beyond natom that a DDB may hold (ABINIT 9: natom+1 .. natom+11)
 _MAX_EXTRA_PERT = 11
+#: DFPT blocks are symmetric only to the calculation's convergence (1e-6..1e-4 of their largest element for BaHfO3;
+#: up to 5% for the PAW CaTiO3 DDB of ABINIT's multibinit tutorial, whose two Born-charge halves and whose symmetry
+#: images at the zone boundary differ by 4-5%): they are
+#: symmetrised, as anaddb does; an asymmetry beyond this fraction of the block's largest element points at a broken
+#: file and is refused (read_ddb(asymmetry_tolerance=...), sp-server import --asymmetry-tolerance)
+ASYMMETRY_TOLERANCE = 0.1
 
 
 class DDBFormatError(ValueError):
@@ -319,6 +325,8 @@ class DDB:
     d2E/du_ia d eta_v in eV/A, raw (no sum rule; harmonic_from_ddb imposes it with the ASR).
     ngqpt: the Gamma-centred q-mesh the stored q-points belong to, checked to be completely obtainable (with the
     space group of the structure) from the stored points.
+    symmetrisation: one dict per symmetrised quantity (quantity, line, largest asymmetry or correction in its
+    units, relative to the block's largest element): the DFPT noise that read_ddb removed.
     """
 
     path: str
@@ -334,6 +342,8 @@ class DDB:
     elastic_clamped: Optional[np.ndarray]
     internal_strain: Optional[np.ndarray]
     ngqpt: tuple
+    symmetrisation: list = field(default_factory=list)   # what DFPT noise was symmetrised away (read_ddb)
+    asymmetry_tolerance: float = ASYMMETRY_TOLERANCE      # beyond it a block is refused (read_ddb, unfold_qmesh)
 
     @property
     def reference(self) -> Reference:
@@ -381,8 +391,13 @@ def _complete_atoms(blk: _Block, natom: int):
     return d
 
 
-def read_ddb(path, *, ngqpt=None) -> DDB:
+def read_ddb(path, *, ngqpt=None, asymmetry_tolerance: float = ASYMMETRY_TOLERANCE) -> DDB:
     """Read an ABINIT text DDB (any version with the 'Version number' banner, e.g. 100401 of ABINIT 8-9).
+
+    DFPT noise is handled as anaddb does: the dielectric and strain-strain tensors are symmetrised, the two halves
+    of the mixed blocks (Born charges, internal strain) averaged, and the Born charges made neutral (chneut 1).
+    Each correction is recorded in ``DDB.symmetrisation``; an asymmetry beyond ``asymmetry_tolerance`` x the
+    block's largest element is refused (DDBFormatError naming the line) as a sign of a broken file.
 
     ``ngqpt``: the q-mesh (as anaddb's input variable); by default the smallest Gamma-centred mesh holding every
     stored q-point and its symmetry images.  Either way the whole mesh must be obtainable from the stored points
@@ -499,6 +514,26 @@ def read_ddb(path, *, ngqpt=None) -> DDB:
                             return blk
         return None
 
+    symmetrisation = []
+
+    def report(quantity, line, value, scale, unit):
+        rel = float(value / scale) if scale > 0 else 0.0
+        symmetrisation.append({"quantity": quantity, "line": int(line), "max": float(value), "relative": rel,
+                               "unit": unit})
+        return rel
+
+    def check(quantity, line, asym, scale, unit):
+        """Record an asymmetry that is symmetrised away; refuse one beyond the tolerance."""
+        rel = report(quantity, line, asym, scale, unit)
+        if rel > asymmetry_tolerance:
+            raise cur.error(f"the {quantity} of this block is not symmetric: max asymmetry {asym:.3g} {unit} = "
+                            f"{rel:.2e} of its largest element, beyond the tolerance {asymmetry_tolerance:g} (DFPT "
+                            f"noise is 1e-6..1e-4; a broken file? --asymmetry-tolerance changes the limit)", line)
+
+    flat = dynmats.reshape(len(dynmats), 3 * natom, 3 * natom)
+    report("dynamical matrices (Hermitian part kept: unfold_qmesh)", d2blocks[0].line,
+           np.abs(flat - np.conj(np.swapaxes(flat, -1, -2))).max(), np.abs(flat).max(), "eV/A^2")
+
     ef = natom + 2
     born = eps = None
     pairs = [(ef, ef)] + [(i, ef) for i in range(1, natom + 1)]
@@ -507,6 +542,7 @@ def read_ddb(path, *, ngqpt=None) -> DDB:
         e_cart = cart(mats[0], ef, ef).real
         eps = np.eye(3) - 4.0 * np.pi / vol_bohr * e_cart
         zraw = np.empty((natom, 3, 3))
+        born_halves = 0.0
         for i in range(natom):
             halves = []
             m1 = _block_3x3(blk, i + 1, ef)    # (displacement a, field g)
@@ -515,12 +551,14 @@ def read_ddb(path, *, ngqpt=None) -> DDB:
                 halves.append(cart(m1, i + 1, ef).real.T)
             if m2 is not None:
                 halves.append(cart(m2, ef, i + 1).real)
+            if len(halves) == 2:
+                born_halves = max(born_halves, np.abs(halves[0] - halves[1]).max())
             zraw[i] = zion[i] * np.eye(3) + np.mean(halves, axis=0)   # [g, a]
-        born = zraw - zraw.mean(axis=0, keepdims=True)                   # chneu9, chneut = 1
-        asym = np.abs(eps - eps.T).max()
-        if asym > 1e-6 * np.abs(eps).max():
-            raise cur.error(f"the dielectric tensor of the block at line {blk.line} is not symmetric "
-                            f"(max asymmetry {asym:.2e})")
+        check("Born charges (their two mixed halves)", blk.line, born_halves, np.abs(zraw).max(), "e")
+        neutral = zraw.mean(axis=0, keepdims=True)
+        report("Born charges (charge neutrality, chneut 1)", blk.line, np.abs(neutral).max(), np.abs(zraw).max(), "e")
+        born = zraw - neutral                                             # chneu9, chneut = 1
+        check("dielectric tensor", blk.line, np.abs(eps - eps.T).max(), np.abs(eps).max(), "")
         eps = 0.5 * (eps + eps.T)
     elif partial(pairs) is not None:
         b = partial(pairs)
@@ -540,9 +578,7 @@ def read_ddb(path, *, ngqpt=None) -> DDB:
                 if val is None:
                     val = blk.values.get((db, pb, da, pa))
                 c[v, w] = val.real
-        asym = np.abs(c - c.T).max()
-        if asym > 1e-6 * np.abs(c).max():
-            raise cur.error(f"the strain-strain block at line {blk.line} is not symmetric (max asymmetry {asym:.2e} Ha)")
+        check("strain-strain tensor", blk.line, np.abs(c - c.T).max(), np.abs(c).max(), "Ha")
         elastic = 0.5 * (c + c.T) * HARTREE_EV / (vol_bohr * BOHR_A ** 3)
     elif partial(pairs) is not None:
         raise cur.error(f"the Gamma block at line {partial(pairs).line} has some strain-strain derivatives but not "
@@ -553,6 +589,7 @@ def read_ddb(path, *, ngqpt=None) -> DDB:
     blk, mats = find(pairs)
     if blk is not None:
         internal = np.empty((natom, 3, 6))
+        internal_halves = 0.0
         for i in range(natom):
             for s, off in ((st1, 0), (st2, 3)):
                 halves = []
@@ -562,7 +599,11 @@ def read_ddb(path, *, ngqpt=None) -> DDB:
                     halves.append((t_atom @ m1).real)
                 if m2 is not None:
                     halves.append((t_atom @ m2.T).real)
+                if len(halves) == 2:
+                    internal_halves = max(internal_halves, np.abs(halves[0] - halves[1]).max())
                 internal[i, :, off:off + 3] = np.mean(halves, axis=0)
+        check("internal-strain tensor (its two mixed halves)", blk.line, internal_halves, np.abs(internal).max(),
+              "Ha/bohr")
         internal *= HARTREE_EV / BOHR_A
     elif partial(pairs) is not None:
         raise cur.error(f"the Gamma block at line {partial(pairs).line} has some atom-strain derivatives but not the "
@@ -570,7 +611,8 @@ def read_ddb(path, *, ngqpt=None) -> DDB:
 
     ddb = DDB(path=raw.path, cell=cell, positions=xred @ cell, numbers=numbers, masses=masses, energy=energy,
               qpoints=qpoints, dynmats=dynmats, born_charges=born, epsilon_inf=eps, elastic_clamped=elastic,
-              internal_strain=internal, ngqpt=(0, 0, 0))
+              internal_strain=internal, ngqpt=(0, 0, 0), symmetrisation=symmetrisation,
+              asymmetry_tolerance=float(asymmetry_tolerance))
     ops = _space_group(ddb)
     if ngqpt is None:
         ddb.ngqpt = _deduce_mesh(ddb, ops)
@@ -698,7 +740,8 @@ def unfold_qmesh(ddb: DDB, *, return_spread: bool = False):
     its cell) and C(-q) = conj C(q).  Every mesh point, stored ones included, gets the average over all the
     operations that generate it, so the result is exactly symmetric (little group, time reversal); the largest
     deviation of one image from that average, relative to max |C| (DFPT noise, ~1e-5 for BaHfO3), is returned
-    with ``return_spread`` and must stay below 1e-4 (else the DDB is inconsistent with its structure).
+    with ``return_spread``, recorded in ``ddb.symmetrisation`` and must stay below ``ddb.asymmetry_tolerance``
+    (else the DDB is inconsistent with its structure).
 
     Returns qpoints (N, 3) in np.ndindex order of the mesh (q = k / ngqpt) and dynmats (N, nat, 3, nat, 3)."""
     ops = _space_group(ddb)
@@ -715,9 +758,14 @@ def unfold_qmesh(ddb: DDB, *, return_spread: bool = False):
         avg = np.mean(mats, axis=0)
         spread = max(spread, max(np.abs(m - avg).max() for m in mats))
         out[n] = avg
-    if spread > 1e-4 * scale:
+    if spread > ddb.asymmetry_tolerance * scale:
         raise DDBFormatError(f"{ddb.path}: the dynamical matrices are not consistent with the space group "
-                             f"(symmetry images differ by {spread:.3e} eV/A^2, {spread / scale:.1e} relative)")
+                             f"(symmetry images differ by {spread:.3e} eV/A^2, {spread / scale:.1e} relative, beyond "
+                             f"the tolerance {ddb.asymmetry_tolerance:g}; --asymmetry-tolerance changes the limit)")
+    entry = {"quantity": "dynamical matrices (symmetry images averaged over the q-mesh)", "line": 0,
+             "max": float(spread), "relative": float(spread / scale), "unit": "eV/A^2"}
+    if entry not in ddb.symmetrisation:
+        ddb.symmetrisation.append(entry)
     qpts = np.array(keys, dtype=float) / mesh
     return (qpts, out, spread / scale) if return_spread else (qpts, out)
 
@@ -798,6 +846,16 @@ def harmonic_from_ddb(ddb: DDB, *, dipdip: bool = True, asr: bool = True):
         warnings.warn(f"{ddb.path}: no Born charges / dielectric tensor in the DDB: no dipole-dipole part",
                       stacklevel=2)
     if use_dd:
+        from ..kernels.ewald import dipole_dipole_matrices
+        c0 = dipole_dipole_matrices(ddb.cell, ddb.positions, ddb.born_charges, ddb.epsilon_inf, np.zeros((1, 3)),
+                                    asr=False)[0].real.sum(axis=2)
+        anti = np.abs(c0 - c0.transpose(0, 2, 1)).max()
+        if anti > 1e-8 * max(np.abs(c0).max(), 1e-30):
+            raise DDBFormatError(
+                f"{ddb.path}: with these Born charges (low-symmetry sites) the dipole-dipole sum-rule correction "
+                f"sum_j C_dd(0)_ij is not a symmetric matrix (antisymmetric part {anti:.3g} eV/A^2), so the "
+                "dipole-dipole split cannot give a force field that is both Hermitian and translation invariant yet "
+                "(anaddb asr 1 vs 2); import with --no-dipdip (the full force constants, no long-range part)")
         dyn = dyn - _dipole_part(ddb, qpts)
     grid = dyn.reshape(mesh + (nat, 3, nat, 3))
     phi = np.fft.fftn(grid, axes=(0, 1, 2)) / np.prod(mesh)   # Phi_per(m) = 1/N sum_k C(k/N) exp(-2 pi i k.m/N)
@@ -861,11 +919,13 @@ def phonon_frequencies(dynmats: np.ndarray, masses) -> np.ndarray:
     return np.sign(lam) * omega / (2.0 * np.pi * units._c * 100.0)
 
 
-def model_from_ddb(path, *, dipdip: bool = True, asr: bool = True, name: Optional[str] = None):
+def model_from_ddb(path, *, dipdip: bool = True, asr: bool = True, name: Optional[str] = None,
+                   asymmetry_tolerance: float = ASYMMETRY_TOLERANCE):
     """A Model with the DDB's reference structure and energy and its exact harmonic part (no anharmonic terms).
-    A DDB without a total-energy block gives reference energy 0 (noted in ``metadata['notes']``)."""
+    A DDB without a total-energy block gives reference energy 0 (noted in ``metadata['notes']``); the DFPT noise
+    symmetrised away on reading is in ``metadata['symmetrisation']`` (read_ddb)."""
 
-    ddb = read_ddb(path)
+    ddb = read_ddb(path, asymmetry_tolerance=asymmetry_tolerance)
     notes = []
     energy = ddb.energy
     if energy is None:
@@ -887,6 +947,7 @@ def model_from_ddb(path, *, dipdip: bool = True, asr: bool = True, name: Optiona
         "asr": bool(asr),
         "charge_neutrality": "chneut 1 (equal repartition)" if ddb.born_charges is not None else "no Born charges",
         "notes": notes,
+        "symmetrisation": ddb.symmetrisation,
     }
     if ddb.born_charges is not None and not harmonic.has_dipole:
         meta["born_charges"] = ddb.born_charges.tolist()

@@ -18,6 +18,7 @@ import os
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from ase.data import atomic_masses
@@ -368,10 +369,11 @@ def read_hist(path) -> list:
 
 
 def import_multibinit(*, ddb=None, system=None, coefficients=None, dipdip: bool = True, name=None,
-                      numbers=None) -> Model:
+                      numbers=None, asymmetry_tolerance: Optional[float] = None) -> Model:
     """A Model from MULTIBINIT files: the harmonic part from a system XML when given, else from a DDB (Fourier
     interpolation of its q-mesh, short-range + dipole-dipole split as MULTIBINIT's ``dipdip 1``); the anharmonic
-    part from a coefficient XML (optional: without it the model is harmonic)."""
+    part from a coefficient XML (optional: without it the model is harmonic).  ``asymmetry_tolerance``: of the
+    DDB's DFPT blocks (sp_server.io.ddb.read_ddb; default ASYMMETRY_TOLERANCE)."""
     if system is None and ddb is None:
         raise ValueError("import needs a DDB or a system XML")
     meta = {}
@@ -383,8 +385,9 @@ def import_multibinit(*, ddb=None, system=None, coefficients=None, dipdip: bool 
                              "model; use the DDB or keep dipdip")
         source = Path(system)
     else:
-        from .ddb import model_from_ddb
-        base = model_from_ddb(ddb, dipdip=dipdip)
+        from .ddb import ASYMMETRY_TOLERANCE, model_from_ddb
+        base = model_from_ddb(ddb, dipdip=dipdip, asymmetry_tolerance=ASYMMETRY_TOLERANCE
+                              if asymmetry_tolerance is None else float(asymmetry_tolerance))
         reference, harmonic = base.reference, base.harmonic
         meta.update(base.metadata, source=str(ddb))
         source = Path(ddb)
