@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .model.model import Model
 from .potential import Evaluator
+from .server.queue import is_progress_row
 
 
 @dataclass
@@ -42,7 +43,7 @@ def iter_structures(path) -> Iterator[tuple[str, object]]:
     if path.suffix == ".db":
         with ase.db.connect(path) as db:
             for row in db.select():
-                if row.get("state") == "progress":   # a flag queue's progress row (sp_server.server.queue): no atoms
+                if is_progress_row(row):   # a flag queue's progress row: no atoms
                     continue
                 try:
                     yield f"{path}: row id={row.id}", row.toatoms()

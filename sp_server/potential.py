@@ -277,7 +277,6 @@ class Evaluator:
             result.error_seconds = ev.error_seconds + time.perf_counter() - t0
         return result
 
-
     def atom_force_errors(self, cell, positions, numbers):
         """(frame, errors): the mapped frame and each model site's Bayesian force error, eV/A ((N,), model site order:
         ``frame.order[s]`` is the engine index of site s); see Posterior.atom_force_errors.  Needs a posterior."""

@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no dipole-dipole part (MULTIBINIT dipdip 0); default: on, as dipdip 1")
     im.add_argument("--asymmetry-tolerance", type=float, default=None, metavar="X",
                     help="DFPT blocks are symmetrised as anaddb does (their noise is logged); an asymmetry beyond X "
-                         "times a block's largest element is refused as a broken file (default 1e-2)")
+                         "times a block's largest element is refused as a broken file (default 0.1, "
+                         "sp_server.io.ddb.ASYMMETRY_TOLERANCE)")
     im.add_argument("-o", "--output", metavar="MODEL", required=True)
     im.set_defaults(func=_cmd_import)
 

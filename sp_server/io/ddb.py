@@ -48,9 +48,9 @@ _IFC = HARTREE_EV / BOHR_A ** 2
 _MAX_EXTRA_PERT = 11
 #: DFPT blocks are symmetric only to the calculation's convergence (1e-6..1e-4 of their largest element for BaHfO3;
 #: up to 5% for the PAW CaTiO3 DDB of ABINIT's multibinit tutorial, whose two Born-charge halves and whose symmetry
-#: images at the zone boundary differ by 4-5%): they are
-#: symmetrised, as anaddb does; an asymmetry beyond this fraction of the block's largest element points at a broken
-#: file and is refused (read_ddb(asymmetry_tolerance=...), sp-server import --asymmetry-tolerance)
+#: images at the zone boundary differ by 4-5%): they are symmetrised, as anaddb does; an asymmetry beyond this
+#: fraction of the block's largest element points at a broken file and is refused (read_ddb(asymmetry_tolerance=...),
+#: sp-server import --asymmetry-tolerance)
 ASYMMETRY_TOLERANCE = 0.1
 
 
@@ -528,10 +528,11 @@ def read_ddb(path, *, ngqpt=None, asymmetry_tolerance: float = ASYMMETRY_TOLERAN
         if rel > asymmetry_tolerance:
             raise cur.error(f"the {quantity} of this block is not symmetric: max asymmetry {asym:.3g} {unit} = "
                             f"{rel:.2e} of its largest element, beyond the tolerance {asymmetry_tolerance:g} (DFPT "
-                            f"noise is 1e-6..1e-4; a broken file? --asymmetry-tolerance changes the limit)", line)
+                            f"noise reaches a few percent; a broken file? --asymmetry-tolerance changes the limit)",
+                            line)
 
     flat = dynmats.reshape(len(dynmats), 3 * natom, 3 * natom)
-    report("dynamical matrices (Hermitian part kept: unfold_qmesh)", d2blocks[0].line,
+    report("dynamical matrices (Hermitian part kept: harmonic_from_ddb)", d2blocks[0].line,
            np.abs(flat - np.conj(np.swapaxes(flat, -1, -2))).max(), np.abs(flat).max(), "eV/A^2")
 
     ef = natom + 2

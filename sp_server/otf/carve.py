@@ -121,7 +121,7 @@ class Patterns:
     def __init__(self, displacement: float = 0.03, strain: float = 0.005):
         self.displacement = float(displacement)   # A, largest atom difference
         self.strain = float(strain)               # largest Voigt strain difference
-        self._by_mesh: dict = {}                  # mesh -> (keys, u stacked (K, n1, n2, n3, nat, 3), eta (K, 6))
+        self._by_mesh: dict = {}                  # mesh -> ([key], [u (n1, n2, n3, nat, 3)], [eta (6,)])
 
     @staticmethod
     def _pattern(frame: Frame):
@@ -133,8 +133,10 @@ class Patterns:
 
     def add(self, key, frame: Frame):
         mesh, u, eta = self._pattern(frame)
-        keys, us, etas = self._by_mesh.get(mesh, ([], [], []))
-        self._by_mesh[mesh] = (keys + [key], us + [u], etas + [eta])
+        keys, us, etas = self._by_mesh.setdefault(mesh, ([], [], []))
+        keys.append(key)
+        us.append(u)
+        etas.append(eta)
 
     def duplicate_of(self, frame: Frame):
         """The key of a known pattern that ``frame`` repeats, else None."""

@@ -48,7 +48,7 @@ from ..model.native import load_model, save_model
 from ..potential import Evaluator
 from ..server.queue import FRAME_ROWS
 from ..store.db import PG_LOCK_KEY, connect, file_lock, is_postgres, pg_lock, redact, transaction
-from .carve import Patterns, carve_frame, carve_shape, exact_shape
+from .carve import Patterns, carve, carve_frame, carve_shape, exact_shape
 from .config import OtfConfig
 from .loop import OnTheFly
 
@@ -126,11 +126,14 @@ class Learner:
                              f"got {steps}")
         self.timesteps = steps * len(self.queues) if len(steps) == 1 else steps
         self._print = log or print
-        self.otf = OnTheFly(cfg, progress=progress, log=self._otf_log)
+        # the loop's own lines (labelling, fit) go to otf.log through OnTheFly.log, and to learn.log
+        self.otf = OnTheFly(cfg, progress=progress, log=self.log)
         self.store = self.otf.store
         self.state_path = self.dir / "learn_state.json"
         self.state = self._load_state()
         self.stop = False
+        self._exclusive_depth = 0     # exclusive() held (re-entrant)
+        self._cycles = 0
         self._warned_shapes: set = set()
         if not (self.dir / "pool.h5").exists():   # a shipped run folder leaves the candidate pool out: rebuild it
             self.log("the candidate pool (pool.h5) is missing: generating it from the configuration's [terms]")
@@ -141,7 +144,7 @@ class Learner:
             self.state["decided_n_train"] = int(n) if n is not None else self._labeled_train()
             self._save_state()
         for url in self.queues:
-            if not str(url).startswith(("postgresql://", "postgres://")) and not Path(url).exists():
+            if not is_postgres(url) and not Path(url).exists():
                 self.log(f"queue {url} does not exist yet: created empty (the servers add to it)")
             with transaction(url) as db:    # creates the tables of a new queue; fails early on a bad URL
                 db.count()
@@ -155,10 +158,6 @@ class Learner:
             os.write(fd, line)
         finally:
             os.close(fd)
-
-    def _otf_log(self, msg: str):
-        # the loop's own lines (labelling, fit) go to otf.log through OnTheFly.log, and to learn.log
-        self.log(msg)
 
     def _load_state(self) -> dict:
         import json
@@ -178,12 +177,12 @@ class Learner:
         return max(versions + [int(current), int(self.otf.state.get("model_version", 0))]) + 1
 
     # ------------------------------------------------------------------------------------------------ budget
-    def budget(self) -> int:
+    def budget(self, mine: Optional[list] = None) -> int:
         """Frames that may go to labelling now: the batch, within the per-hour and total budgets (counted from the
-        store: every frame the learner added, labelled or not)."""
+        store: every frame the learner added, labelled or not; ``mine``: those rows, when the caller has them)."""
         s = self.settings
         n = int(s.batch)
-        mine = self.store.rows(origin="learn")
+        mine = self.store.rows(origin="learn") if mine is None else mine
         if s.labels_total is not None:
             n = min(n, int(s.labels_total) - len(mine))
         if s.labels_per_hour is not None:
@@ -222,9 +221,10 @@ class Learner:
         model = load_model(self.dir / "model.h5")
         evaluator = Evaluator(model)
         patterns, sources = self._known_patterns(evaluator)
-        budget = self.budget()
+        mine = self.store.rows(origin="learn")
+        budget = self.budget(mine)
         far = float(self.otf.config.md.label_max_displacement)
-        n_learn = len(self.store.rows(origin="learn"))
+        n_learn = len(mine)
         for url in self.queues:
             qname = redact(url)
             with connect(url) as db:
@@ -295,21 +295,21 @@ class Learner:
         shape = carve_shape(model.natoms, frame.mesh, self.settings.max_atoms)
         if shape is None:
             raise ValueError(f"{len(atoms)} atoms and max_atoms {self.settings.max_atoms}: not even one cell fits")
-        if model.posterior is not None:
-            _, errors = evaluator.atom_force_errors(atoms.cell.array, atoms.positions, atoms.numbers)
-        else:   # no posterior (an imported model): around the atom farthest from its site
-            d = frame.u.reshape(-1, 3) - frame.u.reshape(-1, 3).mean(axis=0)
-            errors = np.sqrt((d ** 2).sum(axis=1))
         exact = exact_shape(model, frame.mesh)
         if any(m < e for m, e in zip(shape, exact)) and exact not in self._warned_shapes:
             self._warned_shapes.add(exact)
             self.log(f"  WARNING: sub-cells of {'x'.join(map(str, shape))} cells are smaller than the model's reach "
                      f"({'x'.join(map(str, exact))} cells, {model.natoms * int(np.prod(exact))} atoms): the centre "
                      "atoms do not see their whole environment; raise --max-atoms")
-        site = int(np.argmax(errors))
-        carved = carve_frame(model, frame, shape, site)
+        if model.posterior is not None:   # around the atom of largest Bayesian force error
+            carved = carve(model, atoms, shape, evaluator)
+        else:   # no posterior (an imported model): around the atom farthest from its site
+            d = frame.u.reshape(-1, 3) - frame.u.reshape(-1, 3).mean(axis=0)
+            site = int(np.argmax((d ** 2).sum(axis=1)))
+            carved = carve_frame(model, frame, shape, site)
+            carved.error = float(np.sqrt((d[site] ** 2).sum()))
         meta.update({"carved": f"{'x'.join(map(str, shape))} of {len(atoms)} atoms",
-                     "carved_centre_site": site, "carved_centre_error": float(errors[site])})
+                     "carved_centre_site": carved.centre_site, "carved_centre_error": carved.error})
         return carved.atoms, meta
 
     # ------------------------------------------------------------------------------------------------ rates
@@ -341,7 +341,7 @@ class Learner:
         the database server when the process dies.  Re-entrant; a second learner fails after LEARNER_LOCK_WAIT_S
         with a LockTimeout naming the holder (pulling takes no row locks, so two learners would take a frame
         twice)."""
-        if getattr(self, "_exclusive_depth", 0):
+        if self._exclusive_depth:
             self._exclusive_depth += 1
             try:
                 yield

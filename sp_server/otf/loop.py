@@ -55,6 +55,7 @@ from ..oracles import isolated_oracle
 from ..potential import Evaluator
 from ..processes import die_with_parent, stop_process
 from ..server.driver import read_trace
+from ..server.queue import is_progress_row
 from ..store import Store
 from .config import OtfConfig
 from .label import LabelChecks, owner_name, run_worker
@@ -287,7 +288,7 @@ class OnTheFly:
                 self.log(f"  MD {o.name} at {T:g} K: {o.status} after {o.frames} frames {o.message}".rstrip())
         # flagged frames: the largest errors first, at most the cap; untrusted frames always
         rows = [] if not (folder / "queue.db").exists() else [r for r in Store(folder / "queue.db").rows()
-                                                               if r.get("state") != "progress"]
+                                                               if not is_progress_row(r)]
         q = f"err_{threshold.quantity}"
         # untrusted frames (far outside the data: exploded MD) are not labelled; the frame where each such
         # excursion began is, first; then the local maxima with the largest errors, up to the cap
@@ -452,8 +453,7 @@ class OnTheFly:
     # ------------------------------------------------------------------------------------------------ refit
     def training_statistics(self) -> tuple:
         """(TrainingSet, FitReport, harmonic model, bounding term indices, number of frames added now): the run's
-        sufficient statistics
-        (stats.npz) brought up to date with every labelled training frame of the store not yet in them (an unusable
+        sufficient statistics (stats.npz) brought up to date with every labelled training frame of the store not yet in them (an unusable
         frame is excluded in the store, with its reason).  Idempotent: the statistics record the store ids they
         hold, and are written atomically."""
         cfg = self.config

@@ -49,6 +49,12 @@ log = logging.getLogger("sp_server.queue")
 #: the ase.db selection of a queue's frames (every row but the servers' progress rows)
 FRAME_ROWS = "state!=progress"
 
+
+def is_progress_row(row) -> bool:
+    """A server's progress row (no atoms; see the module docstring), for readers that select every row of a
+    database that may be a flag queue (FRAME_ROWS would also drop rows without a state)."""
+    return row.get("state") == "progress"
+
 #: frames per transaction at most (a larger backlog, e.g. after an outage, goes in several transactions)
 MAX_BATCH = 1000
 

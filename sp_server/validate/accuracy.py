@@ -19,6 +19,7 @@ import numpy as np
 from ..model.model import Model
 from ..otf.report import calibration, frame_pairs, rmse
 from ..potential import Evaluator
+from ..server.queue import is_progress_row
 
 
 @dataclass
@@ -55,7 +56,7 @@ def read_frames(path, select: Optional[str] = None):
             rows = list(db.select(select) if select else db.select())
         out = []
         for row in rows:
-            if row.get("state") == "progress":   # a flag queue's progress row: no atoms
+            if is_progress_row(row):   # a flag queue's progress row: no atoms
                 continue
             atoms = row.toatoms()
             atoms.info["source"] = f"{path.name} id={row.id}"
