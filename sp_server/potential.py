@@ -82,13 +82,25 @@ class SupercellPotential:
             self._has_quadratic = True
         if "dipole_dipole" in self.parts and h.has_dipole:
             ref = model.reference
-            ck += dipole_dipole_kgrid(ref.cell, ref.positions, h.born_charges, h.epsilon_inf, self.mesh)
+            # the symmetric sum-rule correction (multibinit's): Hermitian; a low-symmetry model's short-range part
+            # carries the antisymmetric rest (io.ddb.harmonic_from_ddb)
+            ck += dipole_dipole_kgrid(ref.cell, ref.positions, h.born_charges, h.epsilon_inf, self.mesh,
+                                      asr="symmetric")
             self._has_quadratic = True
-        # the quadratic form only sees the Hermitian part; keeping exactly that part makes forces = -dE/du
-        m = 3 * nat
-        flat = ck.reshape(ck.shape[:3] + (m, m))
-        ck = (0.5 * (flat + np.conj(np.swapaxes(flat, -1, -2)))).reshape(ck.shape)
+        # the quadratic form only sees the Hermitian part; keeping exactly that part makes forces = -dE/du.  An
+        # engine-exact model (h.conservative False) keeps its force constants as the engine applies them
+        if h.conservative:
+            m = 3 * nat
+            flat = ck.reshape(ck.shape[:3] + (m, m))
+            ck = (0.5 * (flat + np.conj(np.swapaxes(flat, -1, -2)))).reshape(ck.shape)
         self.harmonic_operator = HarmonicOperator(ck, self.mesh, parallel=self.parallel)
+        # strain-dependent force constants: one quadratic form per strain component that has any
+        self.strain_operators = []
+        if "strain_phonon" in self.parts and h.has_strain_ifc:
+            for v in range(6):
+                if np.abs(h.strain_ifc[v]).max() > 0:
+                    sk = fold_ifc_kgrid(h.strain_ifc_cells, h.strain_ifc[v], self.mesh)
+                    self.strain_operators.append((v, HarmonicOperator(sk, self.mesh, parallel=self.parallel)))
         self.terms = compiled if compiled is not None else _anh.CompiledTerms.from_coefficients(
             model.anharmonic.coefficients, nat)
         self.terms.check_supercell(self.mesh)
@@ -133,6 +145,11 @@ class SupercellPotential:
             parts["strain_phonon"] = float(np.einsum("iav,ia,v->", h.internal_strain, usum, eta))
             grad_u += np.einsum("iav,v->ia", h.internal_strain, eta)
             grad_eta += np.einsum("iav,ia->v", h.internal_strain, usum)
+            for v, op in self.strain_operators:   # eta_v u.dPhi_v.u / 2
+                e_v, g_v = op.energy_grad(u)
+                parts["strain_phonon"] += eta[v] * e_v
+                grad_u += eta[v] * g_v
+                grad_eta[v] += e_v
         tau = gu_rows = ge_rows = f_rows = v_rows = tc = None
         t_rows = 0.0
         t = self.terms
@@ -251,7 +268,11 @@ class Evaluator:
         R = frame.rotation
         n = len(frame.order)
         forces = np.empty((n, 3))
-        forces[frame.order] = -ev.grad_u.reshape(-1, 3) @ R.T
+        g = -ev.grad_u.reshape(-1, 3)
+        if not self.model.harmonic.conservative:   # multibinit-exact: multibinit's mass-weighted net-force removal
+            m = np.tile(self.model.reference.masses, n // self.model.natoms)
+            g = g - m[:, None] * (g.sum(axis=0) / m.sum())
+        forces[frame.order] = g @ R.T
         sigma = R @ strain_derivative(frame, ev.grad_u, ev.grad_eta) @ R.T / frame.volume
         result = FrameResult(ev.energy, forces, stress_voigt(sigma), frame, ev.parts)
         if design:

@@ -6,10 +6,13 @@ them; the commands a user would type, as subprocesses.
     python tools/learn_production.py --run models/BaTiO3_chgnet/run --work /tmp/prod
 
 1. copies the run folder (the shipped model's) to WORK/run and prepares it (candidate pool, sufficient statistics);
-2. pilot: 300 NPT and 150 PIMD steps with the shipped model and `serve --trace`; the flagging threshold of each run
-   is the --quantile of the largest local energy error of its frames (err_local_energy_max_mev, on every frame);
-3. production: both MDs, both servers (--error-stride 10, --threshold local_energy_max_mev=V, one queue each), and
-   `sp-server learn WORK/run --queue npt.db --queue pimd.db` with the oracle, until both MDs end;
+2. equilibration (--equilibrate steps of each MD, with the shipped model and `serve --trace`, no queue): the
+   flagging threshold of each run is the --quantile of the largest local energy error of the frames of its last
+   two thirds (err_local_energy_max_mev, every 10th frame);
+3. production from the equilibrated states (i-PI's RESTART: beads, momenta, cell, thermostat; see
+   sp_server.otf.md.continue_ipi_input): both MDs, both servers (--error-stride 10, --threshold
+   local_energy_max_mev=V, one queue each), and `sp-server learn WORK/run --queue npt.db --queue pimd.db` with the
+   oracle, until both MDs end;
 4. held-out frames of these runs (random 3x3x3 sub-cells of trajectory frames, never labelled by the learner),
    labelled by the oracle: RMSE of the first and of the last model;
 5. writes WORK/summary.json and prints the flag rate per ps in windows of MD time, per model version.
@@ -31,7 +34,7 @@ import numpy as np
 from sp_server.model.native import load_model
 from sp_server.otf.carve import carve_frame
 from sp_server.otf.learn import Learner, LearnSettings
-from sp_server.otf.md import MDJob, MDSettings, ipi_executable, write_ipi_input
+from sp_server.otf.md import MDJob, MDSettings, continue_ipi_input, ipi_executable, write_ipi_input
 from sp_server.otf.structures import polar_structure
 from sp_server.potential import Evaluator
 from sp_server.server.driver import read_trace
@@ -48,14 +51,21 @@ class MD:
     """One engine + its server, started as subprocesses."""
 
     def __init__(self, name, folder: Path, model_path: Path, atoms, *, temperature, steps, timestep_fs, seed,
-                 beads=1, queue=None, threshold=None, trace=False, stride=50):
+                 beads=1, queue=None, threshold=None, trace=False, stride=50, restart=None):
         self.name = name
         self.folder = folder
         self.address = f"sp{name}{os.getpid() % 10000}"
         self.steps = steps
+        self.first_step = 0
+        if restart is not None:
+            import xml.etree.ElementTree as ET
+            self.first_step = int(ET.parse(restart).getroot().findtext("step", "0"))
         folder.mkdir(parents=True, exist_ok=True)
-        write_ipi_input(MDJob(name, atoms, folder, temperature, steps, seed, beads), self.address,
-                        MDSettings(timestep_fs=timestep_fs, trajectory_stride=stride))
+        if restart is None:
+            write_ipi_input(MDJob(name, atoms, folder, temperature, steps, seed, beads), self.address,
+                            MDSettings(timestep_fs=timestep_fs, trajectory_stride=stride))
+        else:   # go on from an equilibrated state
+            continue_ipi_input(restart, folder, self.address, steps, stride=stride)
         Path(f"/tmp/ipi_{self.address}").unlink(missing_ok=True)
         self.ipi = subprocess.Popen([ipi_executable(), "input.xml"], cwd=folder, stdout=open(folder / "ipi.log", "w"),
                                     stderr=subprocess.STDOUT, env=engine_environment())
@@ -79,10 +89,11 @@ class MD:
         return rc_ipi, rc_srv
 
     def last_step(self) -> int:
+        """Steps this run made (i-PI counts on from a restart's step)."""
         out = self.folder / "md.out"
         rows = [ln.split() for ln in out.read_text().splitlines() if ln.strip() and not ln.startswith("#")] \
             if out.exists() else []
-        return int(float(rows[-1][0])) if rows else -1
+        return int(float(rows[-1][0])) - self.first_step if rows else -1
 
 
 def threshold_from_traces(folder: Path, quantile: float) -> float:
@@ -146,6 +157,8 @@ def main(argv=None):
     p.add_argument("--npt", type=int, nargs=4, default=[10, 350, 5000, 2], metavar=("N", "T", "STEPS", "DT_FS"))
     p.add_argument("--pimd", type=int, nargs=5, default=[6, 300, 2500, 4, 1], metavar=("N", "T", "STEPS", "BEADS",
                                                                                        "DT_FS"))
+    p.add_argument("--equilibrate", type=int, nargs=2, default=[2500, 3000], metavar=("NPT_STEPS", "PIMD_STEPS"),
+                   help="equilibration steps before production (they also set the thresholds)")
     p.add_argument("--phase", default="O", help="polar start (R, O, T, C)")
     p.add_argument("--quantile", type=float, default=0.98)
     p.add_argument("--learn-args", default="--batch 30 --min-labels 20 --poll 15",
@@ -172,29 +185,34 @@ def main(argv=None):
     start_npt = polar_structure(model, (n_npt,) * 3, args.phase, 0.1)
     start_pi = polar_structure(model, (n_pi,) * 3, args.phase, 0.1)
 
-    # ---- pilot: the thresholds
+    # ---- equilibration with the first model: the starting states and the thresholds
     thresholds = json.loads((work / "thresholds.json").read_text()) if (work / "thresholds.json").exists() else None
     if thresholds is None:
         t0 = time.monotonic()
-        pilots = [MD("pnpt", work / "pilot_npt", first_model, start_npt, temperature=T_npt, steps=300,
-                     timestep_fs=dt_npt, seed=11, trace=True),
-                  MD("ppimd", work / "pilot_pimd", first_model, start_pi, temperature=T_pi, steps=150,
-                     timestep_fs=dt_pi, seed=12, beads=beads, trace=True)]
+        eq_npt, eq_pi = args.equilibrate
+        pilots = [MD("pnpt", work / "equil_npt", first_model, start_npt, temperature=T_npt, steps=eq_npt,
+                     timestep_fs=dt_npt, seed=11, trace=True, stride=500),
+                  MD("ppimd", work / "equil_pimd", first_model, start_pi, temperature=T_pi, steps=eq_pi,
+                     timestep_fs=dt_pi, seed=12, beads=beads, trace=True, stride=500)]
         for md in pilots:
-            md.wait(3600)
-        thresholds = {"npt": threshold_from_traces(work / "pilot_npt", args.quantile),
-                      "pimd": threshold_from_traces(work / "pilot_pimd", args.quantile)}
+            rc = md.wait(4 * 3600)
+            if rc != (0, 0) or md.last_step() != md.steps:
+                raise SystemExit(f"equilibration {md.name} failed: exit codes {rc}, {md.last_step()} of {md.steps} "
+                                 f"steps (see {md.folder})")
+        thresholds = {"npt": threshold_from_traces(work / "equil_npt", args.quantile),
+                      "pimd": threshold_from_traces(work / "equil_pimd", args.quantile)}
         (work / "thresholds.json").write_text(json.dumps(thresholds))
-        summary["pilot_s"] = time.monotonic() - t0
-    print(f"thresholds (local_energy_max_mev, {args.quantile} quantile of the pilots): {thresholds}", flush=True)
+        summary["equilibration_s"] = time.monotonic() - t0
+    print(f"thresholds (local_energy_max_mev, {args.quantile} quantile of the equilibrations): {thresholds}",
+          flush=True)
 
     # ---- production with the learner beside
     t0 = time.monotonic()
     mds = [MD("npt", work / "npt", run / "model.h5", start_npt, temperature=T_npt, steps=steps_npt,
-              timestep_fs=dt_npt, seed=21, queue=work / "npt.db",
+              timestep_fs=dt_npt, seed=21, queue=work / "npt.db", restart=work / "equil_npt" / "RESTART",
               threshold=f"local_energy_max_mev={thresholds['npt']:.6g}"),
            MD("pimd", work / "pimd", run / "model.h5", start_pi, temperature=T_pi, steps=steps_pi,
-              timestep_fs=dt_pi, seed=22, beads=beads, queue=work / "pimd.db",
+              timestep_fs=dt_pi, seed=22, beads=beads, queue=work / "pimd.db", restart=work / "equil_pimd" / "RESTART",
               threshold=f"local_energy_max_mev={thresholds['pimd']:.6g}")]
     learn_cmd = sp_server("learn", run, "--queue", work / "npt.db", "--queue", work / "pimd.db", "--timestep-fs",
                           dt_npt, "--timestep-fs", dt_pi, "--no-progress", *args.learn_args.split())

@@ -54,9 +54,15 @@ def _cmd_import(args):
     if args.ddb is None and args.system is None:
         raise ValueError("give --ddb DDB and/or --system SYSTEM.xml")
     model = import_multibinit(ddb=args.ddb, system=args.system, coefficients=args.coefficients,
-                              dipdip=not args.no_dipdip, asymmetry_tolerance=args.asymmetry_tolerance)
+                              dipdip=not args.no_dipdip, asymmetry_tolerance=args.asymmetry_tolerance,
+                              multibinit_exact=args.multibinit_exact)
     path = save_model(model, args.output)
     print(model.summary().splitlines()[0])
+    if args.multibinit_exact:
+        h = model.harmonic
+        print(f"multibinit-exact: force constants as multibinit applies them ({model.metadata.get('built_by', 'as printed')}): "
+              f"asymmetry {h.asymmetry():.2g} of the largest block, sum-rule residue {h.asr_violation():.2g} eV/A^2; "
+              "forces are -dE/du only to that level (docs/multibinit.md)")
     for fix in model.metadata.get("symmetrisation", []):   # the DFPT noise removed, as anaddb does
         where = f" (line {fix['line']})" if fix["line"] else ""
         print(f"symmetrised: {fix['quantity']}{where}: largest deviation {fix['max']:.3g}"
@@ -329,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DFPT blocks are symmetrised as anaddb does (their noise is logged); an asymmetry beyond X "
                          "times a block's largest element is refused as a broken file (default 0.1, "
                          "sp_server.io.ddb.ASYMMETRY_TOLERANCE)")
+    im.add_argument("--multibinit-exact", action="store_true",
+                    help="force constants exactly as multibinit applies them, for bit-level parity with it: from a "
+                         "DDB, multibinit itself builds them (needs the multibinit executable); from a system XML, "
+                         "the blocks as printed; neither is symmetrised nor given the sum rule, so forces are not "
+                         "exactly -dE/du (docs/multibinit.md)")
     im.add_argument("-o", "--output", metavar="MODEL", required=True)
     im.set_defaults(func=_cmd_import)
 

@@ -807,7 +807,8 @@ def _ws_weights(cell: np.ndarray, frac: np.ndarray, mesh) -> tuple[np.ndarray, n
 
 def _dipole_part(ddb: DDB, qpoints: np.ndarray) -> np.ndarray:
     from ..kernels.ewald import dipole_dipole_matrices
-    return dipole_dipole_matrices(ddb.cell, ddb.positions, ddb.born_charges, ddb.epsilon_inf, qpoints, asr=True)
+    return dipole_dipole_matrices(ddb.cell, ddb.positions, ddb.born_charges, ddb.epsilon_inf, qpoints,
+                                  asr="symmetric")
 
 
 def _asr_onsite(ifc: np.ndarray, cells: np.ndarray) -> np.ndarray:
@@ -826,14 +827,18 @@ def harmonic_from_ddb(ddb: DDB, *, dipdip: bool = True, asr: bool = True):
     (ifc_init with brav 1, ngqpt = the DDB mesh, nsphere 0, rifcsph 0; system_ddb2effpot):
 
     1. the dynamical matrices on the whole mesh (unfold_qmesh), made Hermitian;
-    2. with ``dipdip`` and Born charges + epsilon: minus the dipole-dipole C_dd(q) (Ewald, with anaddb's q = 0
-       correction, i.e. asr on the dipole part); the model then adds C_dd back by Ewald for each supercell;
+    2. with ``dipdip`` and Born charges + epsilon: minus the dipole-dipole C_dd(q) (Ewald, with the symmetric
+       part of anaddb's q = 0 correction, as multibinit: Hermitian); the model adds C_dd back by Ewald for each
+       supercell;
     3. Phi(R) on the supercell lattice by inverse Fourier transform (real part), each R distributed over its
        Wigner-Seitz images with anaddb's weights (wght9), which makes the transform exact on the mesh and keeps
        Phi(R) = Phi(-R)^T;
     4. with ``asr``: the on-site blocks get -1/2 (S_i + S_i^T), S_i = sum_{j,R} Phi_ij(R) (asrif9 with
-       MULTIBINIT's default asr 2), and the internal strain the sum rule sum_i Lambda_i = 0 (ddb_internalstr);
-       should a non-symmetric residue S_i remain (low-symmetry sites) it is removed by HarmonicPart.impose_asr.
+       MULTIBINIT's default asr 2), and the internal strain the sum rule sum_i Lambda_i = 0 (ddb_internalstr).
+       With low-symmetry Born charges the dipole-dipole row sums keep an antisymmetric rest
+       (sp_server.kernels.ewald.dipole_sum_rule_rest); the short-range part then carries minus that rest
+       (HarmonicPart.impose_asr(target=...)), so that the whole is Hermitian *and* translation invariant, where
+       multibinit's own model is not (it removes the resulting net force, mass-weighted, at each step).
 
     Without ``dipdip`` (or without Born charges) the IFCs are the full ones and the part carries no Born charges.
     A DDB without elastic or internal-strain data gives zeros there, with a warning."""
@@ -846,17 +851,12 @@ def harmonic_from_ddb(ddb: DDB, *, dipdip: bool = True, asr: bool = True):
     if dipdip and not use_dd:
         warnings.warn(f"{ddb.path}: no Born charges / dielectric tensor in the DDB: no dipole-dipole part",
                       stacklevel=2)
+    target = None
     if use_dd:
-        from ..kernels.ewald import dipole_dipole_matrices
-        c0 = dipole_dipole_matrices(ddb.cell, ddb.positions, ddb.born_charges, ddb.epsilon_inf, np.zeros((1, 3)),
-                                    asr=False)[0].real.sum(axis=2)
-        anti = np.abs(c0 - c0.transpose(0, 2, 1)).max()
-        if anti > 1e-8 * max(np.abs(c0).max(), 1e-30):
-            raise DDBFormatError(
-                f"{ddb.path}: with these Born charges (low-symmetry sites) the dipole-dipole sum-rule correction "
-                f"sum_j C_dd(0)_ij is not a symmetric matrix (antisymmetric part {anti:.3g} eV/A^2), so the "
-                "dipole-dipole split cannot give a force field that is both Hermitian and translation invariant yet "
-                "(anaddb asr 1 vs 2); import with --no-dipdip (the full force constants, no long-range part)")
+        from ..kernels.ewald import dipole_sum_rule_rest
+        rest = dipole_sum_rule_rest(ddb.cell, ddb.positions, ddb.born_charges, ddb.epsilon_inf)
+        if np.abs(rest).max() > 1e-10 * max(np.abs(ddb.born_charges).max(), 1.0):
+            target = -rest      # what the short-range row sums must be (see 4.)
         dyn = dyn - _dipole_part(ddb, qpts)
     grid = dyn.reshape(mesh + (nat, 3, nat, 3))
     phi = np.fft.fftn(grid, axes=(0, 1, 2)) / np.prod(mesh)   # Phi_per(m) = 1/N sum_k C(k/N) exp(-2 pi i k.m/N)
@@ -888,8 +888,8 @@ def harmonic_from_ddb(ddb: DDB, *, dipdip: bool = True, asr: bool = True):
     born = ddb.born_charges if use_dd else None
     eps = ddb.epsilon_inf if use_dd else None
     hp = HarmonicPart(cells[keep], ifc[keep], np.array(elastic, dtype=float), internal, born, eps)
-    if asr and hp.asr_violation() > 1e-10 * scale:
-        hp.impose_asr()
+    if asr and hp.asr_violation(target) > 1e-10 * scale:
+        hp.impose_asr(target=target)
     return hp
 
 
@@ -902,7 +902,7 @@ def harmonic_dynamical_matrices(harmonic, reference, qpoints) -> np.ndarray:
     if harmonic.has_dipole:
         from ..kernels.ewald import dipole_dipole_matrices
         c = c + dipole_dipole_matrices(reference.cell, reference.positions, harmonic.born_charges,
-                                       harmonic.epsilon_inf, qpoints, asr=True)
+                                       harmonic.epsilon_inf, qpoints, asr="symmetric")   # as the models evaluate
     return c
 
 

@@ -7,8 +7,18 @@ constants of ``sp_server.units``.  Conventions (checked against multibinit 9.6.2
 * ``<elastic units="hartree">`` holds C_ab * V_ref (energy per reference cell);
 * ``<local_force_constant>`` blocks are short-range IFCs d2E/du(0)du(R), rows (atom, direction) of the home
   cell, columns (atom, direction) of cell R; ``<total_force_constant>`` the same with the dipole-dipole part;
-* ``<strain_coupling voigt=v><correction_force>`` is the force on each atom per unit strain eta_v, so
-  Lambda = -correction_force;
+* ``<borncharge>``: row a, column g holds dP_g/du_a (the transpose of our Z[g, a]);
+* ``<strain_coupling voigt=v><correction_force>`` is the strain-phonon coupling Lambda = d2E/du deta_v (what
+  multibinit prints from a DDB: minus anaddb's force-response internal strain), so E_sp = sum Lambda u eta, which
+  reproduces anaddb's relaxed-ion elastic constants (tests/io/test_ddb_real.py).  multibinit 9.6.2 itself applies
+  *half* of it in its dynamics (energies and forces agree with E_sp = 1/2 sum Lambda u eta to 1e-9 on the CaTiO3
+  tutorial DDB; tests/io/test_multibinit_catio3.py); only ``exact=True`` reproduces that;
+* ``<strain_coupling voigt=v><correction_force_constant>`` blocks (cell R, rows of the home cell) are the
+  strain-dependent force constants dPhi(R)/deta_v, read as the Taylor term E = sum_v eta_v u.dPhi_v.u / 2
+  (HarmonicPart.strain_ifc).  multibinit 9.6.2 evaluates them inconsistently (energy 1/6, gradient 1/2 on the
+  first atom only, strain derivative 1/2, and a mis-shaped cell-index array in
+  anharmonics_terms_evaluateIFCStrainCoupling), so no parity is possible and the exact mode refuses them;
+  ``<correction_strain_force_constant>``, which multibinit never reads, is refused when non-zero;
 * coefficient values are in Hartree / bohr^(displacement order); strain Voigt indices 1..6.
 Every malformed input raises MultibinitFormatError naming the file, the element and the problem.
 """
@@ -77,11 +87,19 @@ def _mass_to_number(mass: float) -> int:
     return z
 
 
+# multibinit 9.6.2 applies half of the printed strain coupling (<correction_force>) in its dynamics: the
+# multibinit-exact import keeps that factor (HarmonicPart.conservative False marks such a model)
+MULTIBINIT_STRAIN_COUPLING_FACTOR = 0.5
+
+
 # --------------------------------------------------------------------------------------------- system XML
-def read_system_xml(path, *, numbers=None) -> tuple[Reference, HarmonicPart, dict]:
+def read_system_xml(path, *, numbers=None, exact: bool = False) -> tuple[Reference, HarmonicPart, dict]:
     """Read a MULTIBINIT ``<System_definition>`` file into our Reference and HarmonicPart (eV, Angstrom).
 
     ``numbers``: atomic numbers of the atoms (the file has only masses; by default deduced from them).
+    ``exact``: keep the force-constant blocks as printed, as multibinit applies them (HarmonicPart.conservative
+    False: not symmetrised, the sum rule not imposed); by default they are symmetrised, Phi(R) = Phi(-R)^T, and the
+    acoustic sum rule restored, so that forces are exactly -dE/du.
     Returns (reference, harmonic, info) where info reports e.g. the IFC asymmetry that was symmetrised away.
     """
     path = Path(path)
@@ -108,7 +126,9 @@ def read_system_xml(path, *, numbers=None) -> tuple[Reference, HarmonicPart, dic
             _unit(path, p, {"bohrradius"})
         pos.append(_numbers(path, p, f"atom {k} position", (3,)) * BOHR_A)
         z = a.find("borncharge")
-        born.append(None if z is None else _numbers(path, z, f"atom {k} borncharge", (3, 3)))
+        # the file's rows are the displacement directions: Z[g, a] = dP_g/du_a is its transpose (checked on the
+        # non-symmetric charges of Pnma CaTiO3 against multibinit's own energies)
+        born.append(None if z is None else _numbers(path, z, f"atom {k} borncharge", (3, 3)).T)
     if numbers is None:
         try:
             numbers = [_mass_to_number(m) for m in masses]
@@ -166,7 +186,9 @@ def read_system_xml(path, *, numbers=None) -> tuple[Reference, HarmonicPart, dic
     sym = 0.5 * (ifc + ifc[opposite].transpose(0, 3, 4, 1, 2))
     asym = float(np.abs(ifc - sym).max())
 
+    strain_blocks = {}
     lam = np.zeros((nat, 3, 6))
+    lam_factor = MULTIBINIT_STRAIN_COUPLING_FACTOR if exact else 1.0
     for k, sc in enumerate(root.findall("strain_coupling")):
         try:
             v = int(sc.get("voigt"))
@@ -177,22 +199,64 @@ def read_system_xml(path, *, numbers=None) -> tuple[Reference, HarmonicPart, dic
         cf = sc.find("correction_force")
         if cf is not None:
             _unit(path, cf, {"hartree/bohrradius"})
-            lam[:, :, v] = -_numbers(path, cf, f"strain_coupling {v} correction_force", (nat, 3)) * HARTREE_EV / BOHR_A
-        for tag in ("correction_force_constant", "correction_strain_force_constant"):
-            for blk in sc.findall(tag):
-                d = _numbers(path, blk.find("data"), f"strain_coupling {v} {tag}")
-                if np.abs(d).max() > 0:
-                    raise MultibinitFormatError(
-                        f"{path}: <strain_coupling voigt={v}> has non-zero <{tag}> (strain-dependent force "
-                        "constants), which sp_server does not support yet")
+            lam[:, :, v] = lam_factor * _numbers(path, cf, f"strain_coupling {v} correction_force",
+                                                 (nat, 3)) * HARTREE_EV / BOHR_A
+        for k, blk in enumerate(sc.findall("correction_force_constant")):
+            _unit(path, blk, {"hartree/bohrradius**2"})
+            cell_s = tuple(int(round(x)) for x in _numbers(path, blk.find("cell"),
+                                                           f"strain_coupling {v} correction_force_constant {k} cell", (3,)))
+            mat = _numbers(path, blk.find("data"), f"strain_coupling {v} correction_force_constant {k} data",
+                           (3 * nat, 3 * nat)).reshape(nat, 3, nat, 3) * HARTREE_EV / BOHR_A ** 2
+            if (v, cell_s) in strain_blocks:
+                raise MultibinitFormatError(f"{path}: <strain_coupling voigt={v}> <correction_force_constant> cell "
+                                            f"{cell_s} appears twice")
+            strain_blocks[(v, cell_s)] = mat
+        for blk in sc.findall("correction_strain_force_constant"):   # multibinit 9.6.2 does not use it
+            d = _numbers(path, blk.find("data"), f"strain_coupling {v} correction_strain_force_constant")
+            if np.abs(d).max() > 0:
+                raise MultibinitFormatError(
+                    f"{path}: <strain_coupling voigt={v}> has non-zero <correction_strain_force_constant>, which "
+                    "multibinit 9.6.2 ignores (it applies <correction_force_constant>); refusing to guess its meaning")
+    s_cells = s_ifc = None
+    if strain_blocks and exact:
+        raise MultibinitFormatError(
+            f"{path}: <correction_force_constant> (strain-dependent force constants) cannot be reproduced "
+            "multibinit-exactly: multibinit 9.6.2 evaluates them with inconsistent factors (energy 1/6, gradient "
+            "1/2 on the first atom only, strain derivative 1/2: anharmonics_terms_evaluateIFCStrainCoupling) and "
+            "reads the partner cell's indices from a mis-shaped array, so its energies, forces and stresses are not "
+            "those of any force field; import without --multibinit-exact (dPhi/deta as a Taylor term, "
+            "docs/multibinit.md)")
+    if strain_blocks:
+        s_cells = sorted({c for _, c in strain_blocks} | {tuple(-np.array(c)) for _, c in strain_blocks})
+        s_ifc = np.zeros((6, len(s_cells), nat, 3, nat, 3))
+        for (v, c), mat in strain_blocks.items():
+            s_ifc[v, s_cells.index(c)] = mat   # dPhi(R)/deta_v: E = sum_v eta_v u.dPhi_v.u / 2
+        if not exact:   # a quadratic form in u for each strain component, like the force constants
+            opp = [s_cells.index(tuple(-np.array(c))) for c in s_cells]
+            s_ifc = 0.5 * (s_ifc + s_ifc[:, opp].transpose(0, 1, 4, 5, 2, 3))
+        s_cells = np.array(s_cells)
     try:
-        harmonic = HarmonicPart(np.array(cells), sym, elastic, lam, born_arr, eps)
+        if exact:   # as multibinit applies them
+            harmonic = HarmonicPart(np.array(cells), ifc, elastic, lam, born_arr, eps, conservative=False,
+                                    strain_ifc_cells=s_cells, strain_ifc=s_ifc)
+        else:
+            harmonic = HarmonicPart(np.array(cells), sym, elastic, lam, born_arr, eps, strain_ifc_cells=s_cells,
+                                    strain_ifc=s_ifc)
     except ValueError as exc:
         raise MultibinitFormatError(f"{path}: {exc}") from None
     asr_before = harmonic.asr_violation()
-    harmonic.impose_asr()  # symmetrising broke the file's sum rule by ~asym: restore both exactly
-    info = {"ifc_kind": kind, "ifc_asymmetry_eV_A2": asym, "ifc_asr_violation_after_symmetrisation_eV_A2": asr_before,
-            "ifc_cells": len(cells)}
+    if not exact:   # symmetrising broke the file's sum rule by ~asym: restore both exactly (with low-symmetry Born
+        # charges the short-range part carries minus the dipole-dipole rest: sp_server.io.ddb.harmonic_from_ddb)
+        target = None
+        if harmonic.has_dipole:
+            from ..kernels.ewald import dipole_sum_rule_rest
+            target = -dipole_sum_rule_rest(reference.cell, reference.positions, harmonic.born_charges,
+                                           harmonic.epsilon_inf)
+        asr_before = harmonic.asr_violation(target)
+        harmonic.impose_asr(target=target)
+    info = {"ifc_kind": kind, "ifc_asymmetry_eV_A2": asym, "ifc_cells": len(cells),
+            "ifc_mode": "multibinit-exact (as printed)" if exact else "symmetrised, sum rule imposed"}
+    info["ifc_asr_violation_eV_A2" if exact else "ifc_asr_violation_after_symmetrisation_eV_A2"] = asr_before
     return reference, harmonic, info
 
 
@@ -298,10 +362,21 @@ def _matrix(mat, indent="  "):
 
 
 def write_system_xml(model: Model, path) -> Path:
-    """Write the reference and harmonic part as a ``<System_definition>`` that multibinit reads."""
+    """Write the reference and harmonic part as a ``<System_definition>`` that multibinit reads.
+
+    ``<correction_force>`` holds Lambda = d2E/du deta as multibinit prints it from a DDB (a multibinit-exact model
+    gets its printed values back).  multibinit 9.6.2 applies half of it: for a reference with a non-zero
+    strain-phonon coupling (no inversion centre at some site) its dynamics then differ from this model's by
+    1/2 sum Lambda u eta, and a warning says so."""
     path = Path(path)
     ref, h = model.reference, model.harmonic
     nat = ref.natoms
+    lam_factor = 1.0 if h.conservative else MULTIBINIT_STRAIN_COUPLING_FACTOR
+    if h.conservative and np.abs(h.internal_strain).max() > 1e-8:
+        import warnings
+        warnings.warn(f"{path}: the strain-phonon coupling is non-zero (largest {np.abs(h.internal_strain).max():.3g} "
+                      "eV/A); multibinit 9.6.2 applies half of the <correction_force> it reads, so its dynamics on "
+                      "this file will differ from the model's (docs/multibinit.md)", stacklevel=2)
     lines = ['<?xml version="1.0" ?>', "<System_definition>",
              "  <energy>", f"  {_fmt(ref.energy / HARTREE_EV)}", "  </energy>",
              '  <unit_cell units="bohrradius">', _matrix(ref.cell.T / BOHR_A), "  </unit_cell>"]  # columns
@@ -312,7 +387,7 @@ def write_system_xml(model: Model, path) -> Path:
         lines.append(f'  <atom mass="{ref.masses[i]:.5f}" massunits="atomicmassunit">')
         lines += ['    <position units="bohrradius">', _matrix(ref.positions[i] / BOHR_A), "    </position>"]
         if h.has_dipole:
-            lines += ['    <borncharge units="abs(e)">', _matrix(h.born_charges[i]), "    </borncharge>"]
+            lines += ['    <borncharge units="abs(e)">', _matrix(h.born_charges[i].T), "    </borncharge>"]
         lines.append("  </atom>")
     tag = "local_force_constant" if h.has_dipole else "total_force_constant"
     for R, blk in zip(h.ifc_cells, h.ifc):
@@ -322,8 +397,16 @@ def write_system_xml(model: Model, path) -> Path:
     for v in range(6):
         lines += [f'  <strain_coupling voigt="{v}">',
                   '    <correction_force units="hartree/bohrradius">',
-                  _matrix(-h.internal_strain[:, :, v] / HARTREE_EV * BOHR_A), "    </correction_force>",
-                  "  </strain_coupling>"]
+                  _matrix(h.internal_strain[:, :, v] / lam_factor / HARTREE_EV * BOHR_A), "    </correction_force>"]
+        if h.has_strain_ifc:
+            for S, blk in zip(h.strain_ifc_cells, h.strain_ifc[v]):
+                if np.abs(blk).max() == 0:
+                    continue
+                lines += ['    <correction_force_constant units="hartree/bohrradius**2">', "    <data>",
+                          _matrix(blk.reshape(3 * nat, 3 * nat) / HARTREE_EV * BOHR_A ** 2, " "),
+                          "    </data>", "    <cell>", "  %d %d %d" % tuple(S), "    </cell>",
+                          "    </correction_force_constant>"]
+        lines.append("  </strain_coupling>")
     lines.append("</System_definition>")
     _atomic_write(path, "\n".join(lines) + "\n")
     return path
@@ -368,17 +451,66 @@ def read_hist(path) -> list:
     return frames
 
 
+def multibinit_system_from_ddb(ddb, folder, *, dipdip: bool = True, ngqpt=None, executable=None) -> Path:
+    """Let multibinit itself build the harmonic model of a DDB (its q-mesh interpolation, symmetry images, ``asr 2``
+    and ``dipdip`` as given) and write it as FOLDER/model_sys.xml (``prt_model 2``); returns that path.
+    ``ngqpt``: the DDB's q-mesh (default: read from the DDB, sp_server.io.ddb.read_ddb).  ``executable``: default
+    ``multibinit`` on the PATH (Debian: apt-get install abinit).  Takes about a second."""
+    import shutil
+    import subprocess
+    exe = executable or shutil.which("multibinit")
+    if exe is None:
+        raise FileNotFoundError("multibinit not found on the PATH: the multibinit-exact import lets multibinit build "
+                                "the force constants (Debian: apt-get install abinit)")
+    ddb = Path(ddb).resolve()
+    if ngqpt is None:
+        from .ddb import read_ddb
+        ngqpt = read_ddb(ddb, asymmetry_tolerance=np.inf).ngqpt
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.in").write_text(f"prt_model = 2\ndipdip = {int(bool(dipdip))}\n"
+                                     f"ngqpt = {' '.join(str(int(n)) for n in ngqpt)}\nncell = 1 1 1\ndynamics = 0\n")
+    proc = subprocess.run([exe], input=f"model.in\nmodel.abo\n{ddb}\n\n", text=True, capture_output=True,
+                          cwd=folder, timeout=3600)
+    out = folder / "model_sys.xml"
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        raise RuntimeError(f"multibinit could not build the model of {ddb} (exit {proc.returncode}; log in "
+                           f"{folder}):\n" + "\n".join(tail))
+    return out
+
+
 def import_multibinit(*, ddb=None, system=None, coefficients=None, dipdip: bool = True, name=None,
-                      numbers=None, asymmetry_tolerance: Optional[float] = None) -> Model:
+                      numbers=None, asymmetry_tolerance: Optional[float] = None,
+                      multibinit_exact: bool = False) -> Model:
     """A Model from MULTIBINIT files: the harmonic part from a system XML when given, else from a DDB (Fourier
     interpolation of its q-mesh, short-range + dipole-dipole split as MULTIBINIT's ``dipdip 1``); the anharmonic
     part from a coefficient XML (optional: without it the model is harmonic).  ``asymmetry_tolerance``: of the
-    DDB's DFPT blocks (sp_server.io.ddb.read_ddb; default ASYMMETRY_TOLERANCE)."""
+    DDB's DFPT blocks (sp_server.io.ddb.read_ddb; default ASYMMETRY_TOLERANCE).
+
+    ``multibinit_exact``: the force constants exactly as multibinit applies them (docs/multibinit.md): from a DDB,
+    multibinit itself builds them (:func:`multibinit_system_from_ddb`, needs the executable); from a system XML,
+    the blocks as printed.  Neither is symmetrised nor given the sum rule (HarmonicPart.conservative False), so
+    forces agree with multibinit's to its printed digits, at the price of being -dE/du only to the file's
+    asymmetry (~1e-7 relative for BaHfO3)."""
     if system is None and ddb is None:
         raise ValueError("import needs a DDB or a system XML")
     meta = {}
-    if system is not None:
-        reference, harmonic, info = read_system_xml(system, numbers=numbers)
+    if system is None and multibinit_exact:
+        from .ddb import read_ddb
+        d = read_ddb(ddb, asymmetry_tolerance=np.inf)   # multibinit treats the DFPT noise its own way
+        with tempfile.TemporaryDirectory(prefix="sp_mbx_") as tmp:
+            xml = multibinit_system_from_ddb(ddb, tmp, dipdip=dipdip, ngqpt=d.ngqpt)
+            reference, harmonic, info = read_system_xml(
+                xml, numbers=d.reference.numbers if numbers is None else numbers, exact=True)
+        if not dipdip and harmonic.has_dipole:   # with dipdip 0 multibinit prints the whole IFC as local blocks
+            h = harmonic
+            harmonic = HarmonicPart(h.ifc_cells, h.ifc, h.elastic, h.internal_strain, conservative=False)
+        meta.update(info, source=str(ddb), built_by="multibinit (prt_model 2, asr 2, "
+                    f"dipdip {int(bool(dipdip))})")
+        source = Path(ddb)
+    elif system is not None:
+        reference, harmonic, info = read_system_xml(system, numbers=numbers, exact=multibinit_exact)
         meta.update(info, source=str(system))
         if not dipdip and harmonic.has_dipole:
             raise ValueError(f"{system}: short-range force constants without the dipole-dipole part are not a "

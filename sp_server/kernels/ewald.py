@@ -416,9 +416,13 @@ def _sandwich(ttilde, born_charges):
     return _sandwich_kernel(flat, born_charges, _KE).reshape(lead + (nat, 3, nat, 3))
 
 
-def _apply_asr(c, c0):
-    """c[..., i, :, i, :] -= sum_l c0[i, :, l, :] (anaddb asr 1 with the q = 0 Ewald matrix)."""
+def _apply_asr(c, c0, symmetric: bool = False):
+    """c[..., i, :, i, :] -= sum_l c0[i, :, l, :] (anaddb asr 1 with the q = 0 Ewald matrix); ``symmetric``: only
+    the symmetric part of each 3x3 sum (what multibinit subtracts; Hermitian, but with low-symmetry Born charges
+    a rigid translation then feels a force)."""
     s = c0.real.sum(axis=2)  # (nat, 3, 3)
+    if symmetric:
+        s = 0.5 * (s + np.swapaxes(s, 1, 2))
     nat = s.shape[0]
     for i in range(nat):
         c[..., i, :, i, :] -= s[i]
@@ -436,7 +440,8 @@ def dipole_dipole_matrices(cell, positions, born_charges, epsilon, qpoints, *, a
     Returns complex128 array (nq, nat, 3, nat, 3).
 
     C(q)_{ia,jb} = sum_R Phi_{ia,jb}(R) exp(+2 pi i q.n_R) (phase from the cell translation only), Ewald-summed with
-    the G = 0 term omitted.  ``asr``: subtract delta_ij sum_l C(0)_il.  ``tol``: relative truncation error of the
+    the G = 0 term omitted.  ``asr``: subtract delta_ij sum_l C(0)_il; "symmetric": only the symmetric part of
+    each 3x3 sum (see dipole_sum_rule_rest); False: nothing.  ``tol``: relative truncation error of the
     real- and reciprocal-space sums.  ``lambda_``: Ewald parameter in 1/A (default sqrt(pi) / Omega_eps^(1/3),
     Omega_eps = Omega / sqrt(det eps)); the result does not depend on it beyond ~tol."""
     cell, positions, born_charges, epsilon, tol, lambda_, frac = _validate_structure(
@@ -449,13 +454,28 @@ def dipole_dipole_matrices(cell, positions, born_charges, epsilon, qpoints, *, a
     if asr:
         c0 = c[-1].copy()
         c = c[:-1].copy()
-        _apply_asr(c, c0)
+        _apply_asr(c, c0, symmetric=asr == "symmetric")
     return c
+
+
+def dipole_sum_rule_rest(cell, positions, born_charges, epsilon) -> np.ndarray:
+    """(nat, 3, 3) eV/A^2: the antisymmetric part of each atom's dipole-dipole sum s_i = sum_j C_dd(0)_ij.
+
+    With the symmetric sum-rule correction (asr="symmetric", what the models use) the dipole-dipole part is
+    Hermitian, and its row sums at q = 0 are this rest: zero when every site's Born charge tensor is symmetric
+    enough (cubic perovskites), not for low-symmetry sites (Pnma CaTiO3: 26 eV/A^2).  A short-range part whose row
+    sums are minus this rest (HarmonicPart.impose_asr(target=...)) makes the whole force field both Hermitian and
+    translation invariant."""
+    c0 = dipole_dipole_matrices(cell, positions, born_charges, epsilon, np.zeros((1, 3)), asr=False)[0].real
+    s = c0.sum(axis=2)
+    return 0.5 * (s - np.swapaxes(s, 1, 2))
 
 
 def dipole_dipole_kgrid(cell, positions, born_charges, epsilon, mesh, *, asr=True, tol=1e-12, lambda_=None):
     """Same quantity on the whole commensurate grid of an n1 x n2 x n3 supercell, in the layout of numpy's rfftn:
     returns complex128 array (n1, n2, n3//2+1, nat, 3, nat, 3), entry [k1,k2,k3] is C(q) at q_frac = (k1/n1, k2/n2, k3/n3).
+    ``asr``: True as dipole_dipole_matrices, "symmetric" subtracts only the symmetric part of each on-site sum
+    (multibinit's choice; see _apply_asr), False nothing.
 
     The real-space part is summed once per lattice vector, folded onto the supercell and Fourier transformed with
     rfftn; the reciprocal part is summed per grid point.  The default Lambda is lowered by (2 / (n1 n2 n3))^(1/6)
@@ -475,5 +495,5 @@ def dipole_dipole_kgrid(cell, positions, born_charges, epsilon, mesh, *, asr=Tru
     ttilde += real_part
     c = _sandwich(ttilde, born_charges)
     if asr:
-        _apply_asr(c, c[0, 0, 0].copy())
+        _apply_asr(c, c[0, 0, 0].copy(), symmetric=asr == "symmetric")
     return c

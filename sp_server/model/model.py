@@ -79,6 +79,25 @@ class Reference:
         return self.positions @ np.linalg.inv(self.cell)
 
 
+# engine-exact force constants (HarmonicPart.conservative False) may be non-symmetric by DFPT noise, not more
+NON_CONSERVATIVE_TOLERANCE = 1e-3
+
+
+def _check_pairs(cells, blocks, tolerance: float, what: str):
+    """blocks[k] (nat, 3, nat, 3) at cells[k] must equal blocks(-R)^T to ``tolerance`` of the largest element."""
+    index = {tuple(r): k for k, r in enumerate(cells)}
+    scale = max(np.abs(blocks).max(), 1e-30)
+    for k, r in enumerate(cells):
+        m = index.get(tuple(-r))
+        if m is None:
+            if np.abs(blocks[k]).max() > max(1e-12, tolerance) * scale:
+                raise ValueError(f"{what}: cell {tuple(r)} present but its opposite {tuple(-r)} is missing")
+            continue
+        if np.abs(blocks[k] - blocks[m].transpose(2, 3, 0, 1)).max() > tolerance * scale:
+            raise ValueError(f"{what}: Phi(R) != Phi(-R)^T for R = {tuple(r)} beyond {tolerance:g} of the largest "
+                             "block (not a symmetric quadratic form)")
+
+
 @dataclass
 class HarmonicPart:
     """Exact harmonic part (from first principles).
@@ -91,6 +110,16 @@ class HarmonicPart:
     internal_strain: (nat, 3, 6) eV/A, E_sp = sum_L sum_{i a v} Lambda[i, a, v] u_ia(L) eta_v.
     born_charges: (nat, 3, 3) units of e, Z[i, g, a] = dP_g / du_a, or None.
     epsilon_inf: (3, 3) electronic dielectric tensor, or None.
+    conservative: True (always, except in engine-exact imports): Phi(R) = Phi(-R)^T, a quadratic form whose
+        forces are exactly -dE/du.  False keeps an engine's force constants as it applies them
+        (``sp-server import --multibinit-exact``): E = u.Phi.u / 2 and F = -Phi.u with Phi as printed, not exactly
+        symmetric and without the sum rule imposed, and the net force removed mass-weighted as multibinit does, so
+        that forces match that engine's to its printed digits but are not exactly the energy's derivatives (a
+        non-conservative rest of the order of the asymmetry and of the sum-rule residue).
+    strain_ifc_cells, strain_ifc: optional strain-dependent force constants (MULTIBINIT's
+        ``<correction_force_constant>``): cells (nS, 3) and dPhi[v, S, i, a, j, b] / d eta_v, (6, nS, nat, 3,
+        nat, 3) eV/A^2 per unit (Voigt, engineering shear) strain, so that
+        E_sIFC = sum_v eta_v * 1/2 sum u_ia(L) dPhi_v[i a, j b](S) u_jb(L + S).
     """
 
     ifc_cells: np.ndarray
@@ -99,6 +128,9 @@ class HarmonicPart:
     internal_strain: np.ndarray
     born_charges: Optional[np.ndarray] = None
     epsilon_inf: Optional[np.ndarray] = None
+    conservative: bool = True
+    strain_ifc_cells: Optional[np.ndarray] = None
+    strain_ifc: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.ifc_cells = np.asarray(self.ifc_cells, dtype=int).reshape(-1, 3)
@@ -123,7 +155,23 @@ class HarmonicPart:
                 raise ValueError("epsilon_inf is not symmetric")
             if np.any(np.linalg.eigvalsh(self.epsilon_inf) <= 0):
                 raise ValueError("epsilon_inf is not positive definite")
-        self._check_hermitian()
+        if (self.strain_ifc is None) != (self.strain_ifc_cells is None):
+            raise ValueError("strain-dependent force constants need both strain_ifc_cells and strain_ifc")
+        if self.strain_ifc is not None:
+            self.strain_ifc_cells = np.asarray(self.strain_ifc_cells, dtype=int).reshape(-1, 3)
+            nS = len(self.strain_ifc_cells)
+            if len({tuple(r) for r in self.strain_ifc_cells}) != nS:
+                raise ValueError("strain_ifc_cells: repeated lattice translation")
+            self.strain_ifc = _array(self.strain_ifc, (6, nS, nat, 3, nat, 3), "strain-dependent force constants")
+            if self.conservative:
+                for v in range(6):
+                    _check_pairs(self.strain_ifc_cells, self.strain_ifc[v], 1e-8, f"strain-dependent force constants "
+                                 f"(Voigt {v + 1})")
+        self.conservative = bool(self.conservative)
+        if self.conservative:
+            self._check_hermitian()
+        else:
+            self._check_hermitian(tolerance=NON_CONSERVATIVE_TOLERANCE)
 
     @property
     def natoms(self) -> int:
@@ -133,31 +181,50 @@ class HarmonicPart:
     def has_dipole(self) -> bool:
         return self.born_charges is not None
 
-    def _check_hermitian(self):
-        """Phi_ij(R) must equal Phi_ji(-R)^T for a valid quadratic form."""
+    def asymmetry(self) -> float:
+        """Largest |Phi(R) - Phi(-R)^T| relative to the largest block element (0 for a quadratic form); a block
+        whose opposite cell is missing counts whole."""
         index = {tuple(r): k for k, r in enumerate(self.ifc_cells)}
         scale = max(np.abs(self.ifc).max(), 1e-30)
+        worst = 0.0
         for k, r in enumerate(self.ifc_cells):
             m = index.get(tuple(-r))
-            if m is None:
-                if np.abs(self.ifc[k]).max() > 1e-12 * scale:
-                    raise ValueError(f"harmonic ifc: cell {tuple(r)} present but its opposite {tuple(-r)} is missing")
-                continue
-            other = self.ifc[m].transpose(2, 3, 0, 1)
-            if np.abs(self.ifc[k] - other).max() > 1e-8 * scale:
-                raise ValueError(f"harmonic ifc: Phi(R) != Phi(-R)^T for R = {tuple(r)} (not a symmetric quadratic form)")
+            other = 0.0 if m is None else self.ifc[m].transpose(2, 3, 0, 1)
+            worst = max(worst, float(np.abs(self.ifc[k] - other).max()) / scale)
+        return worst
 
-    def asr_violation(self) -> float:
-        """Largest |sum_{j,R} Phi_ij(R)| (eV/A^2): zero when the acoustic sum rule holds (short-range part only)."""
-        return float(np.abs(self.ifc.sum(axis=(0, 3))).max())
+    @property
+    def has_strain_ifc(self) -> bool:
+        return self.strain_ifc is not None
 
-    def impose_asr(self, tol: float = 1e-12, max_iter: int = 200):
-        """Enforce the acoustic sum rule (sum_{j,R} Phi_ij(R) = 0) while keeping Phi_ij(R) = Phi_ji(-R)^T.
+    def _check_hermitian(self, tolerance: float = 1e-8):
+        """Phi_ij(R) must equal Phi_ji(-R)^T (to ``tolerance`` relative) for a valid quadratic form."""
+        _check_pairs(self.ifc_cells, self.ifc, tolerance, "harmonic ifc")
 
-        Alternates the two orthogonal projections (each row's sum spread evenly over its stored blocks, then
+    def asr_violation(self, target=None) -> float:
+        """Largest |sum_{j,R} Phi_ij(R) - target_i| (eV/A^2; target default 0): zero when the acoustic sum rule
+        holds (short-range part only; with low-symmetry Born charges its target is minus
+        sp_server.kernels.ewald.dipole_sum_rule_rest, see impose_asr)."""
+        s = self.ifc.sum(axis=(0, 3))
+        return float(np.abs(s if target is None else s - target).max())
+
+    def impose_asr(self, tol: float = 1e-12, max_iter: int = 200, target=None):
+        """Enforce the acoustic sum rule (sum_{j,R} Phi_ij(R) = target_i, default 0) while keeping
+        Phi_ij(R) = Phi_ji(-R)^T.
+
+        ``target`` (nat, 3, 3), antisymmetric, summing to zero over atoms: what the short-range part must carry so
+        that short-range + dipole-dipole is translation invariant when the dipole-dipole row sums are not
+        symmetric (low-symmetry sites: minus sp_server.kernels.ewald.dipole_sum_rule_rest).
+        Alternates the two orthogonal projections (each row's excess spread evenly over its stored blocks, then
         symmetrisation over (R, -R) pairs) until both hold to ``tol`` relative (von Neumann's alternating
         projections); the internal strain gets sum_i Lambda_i = 0.
         """
+        goal = np.zeros((self.natoms, 3, 3)) if target is None else np.asarray(target, dtype=float)
+        if goal.shape != (self.natoms, 3, 3):
+            raise ValueError(f"impose_asr: target must be ({self.natoms}, 3, 3), got {goal.shape}")
+        if np.abs(goal.sum(axis=0) - goal.sum(axis=0).T).max() > 1e-9 * max(np.abs(goal).max(), 1.0):
+            raise ValueError("impose_asr: the target's sum over atoms must be symmetric (no symmetric force "
+                             "constants reach it)")
         if not np.any(np.all(self.ifc_cells == 0, axis=1)):
             self.ifc_cells = np.vstack([self.ifc_cells, [[0, 0, 0]]])
             self.ifc = np.concatenate([self.ifc, np.zeros((1,) + self.ifc.shape[1:])])
@@ -172,15 +239,16 @@ class HarmonicPart:
         scale = max(np.abs(self.ifc).max(), 1e-30)
         ifc = self.ifc.copy()
         for _ in range(max_iter):
-            total = ifc.sum(axis=(0, 3))  # (nat, 3, 3)
+            total = ifc.sum(axis=(0, 3)) - goal  # (nat, 3, 3)
             ifc -= total[None, :, :, None, :] / nblocks
             ifc = 0.5 * (ifc + ifc[opposite].transpose(0, 3, 4, 1, 2))
-            if np.abs(ifc.sum(axis=(0, 3))).max() < tol * scale:
+            if np.abs(ifc.sum(axis=(0, 3)) - goal).max() < tol * scale:
                 break
         else:
             raise ValueError(f"acoustic sum rule could not be imposed to {tol} in {max_iter} iterations")
         self.ifc = ifc
         self.internal_strain = self.internal_strain - self.internal_strain.mean(axis=0, keepdims=True)
+        self.conservative = True   # symmetric now
 
 
 @dataclass

@@ -14,6 +14,10 @@ Layout (every dataset carries a ``unit`` attribute; see docs/model_format.md):
     /harmonic/internal_strain (nat,3,6) eV/Angstrom
     /harmonic/born_charges (nat,3,3) e        (optional, with epsilon_inf)
     /harmonic/epsilon_inf  (3,3)             (optional, with born_charges)
+    /harmonic/strain_ifc_cells (nS,3), /harmonic/strain_ifc (6,nS,nat,3,nat,3) eV/Angstrom^2 per unit strain
+                           (optional: strain-dependent force constants, MULTIBINIT's correction_force_constant)
+    /harmonic attribute conservative (bool, default true): false for engine-exact force constants, applied as
+                           stored (non-symmetric, sum rule not imposed; sp-server import --multibinit-exact)
     /anharmonic/values     (nz,)   eV/Angstrom^(displacement order)
     /anharmonic/names      (nz,)   text
     /anharmonic/term_coefficient (nt,) index of the coefficient each term belongs to (non-decreasing)
@@ -103,10 +107,14 @@ def save_model(model: Model, path) -> Path:
         _put(ref, "energy", model.reference.energy, "eV")
         h = model.harmonic
         har = f.create_group("harmonic")
+        har.attrs["conservative"] = bool(h.conservative)
         _put(har, "ifc_cells", h.ifc_cells, "lattice vectors")
         _put(har, "ifc", h.ifc, "eV/Angstrom^2")
         _put(har, "elastic", h.elastic, "eV/Angstrom^3")
         _put(har, "internal_strain", h.internal_strain, "eV/Angstrom")
+        if h.has_strain_ifc:
+            _put(har, "strain_ifc_cells", h.strain_ifc_cells, "lattice vectors")
+            _put(har, "strain_ifc", h.strain_ifc, "eV/Angstrom^2 per unit strain")
         if h.has_dipole:
             _put(har, "born_charges", h.born_charges, "e")
             _put(har, "epsilon_inf", h.epsilon_inf, "1")
@@ -225,6 +233,9 @@ def load_model(path) -> Model:
             harmonic = HarmonicPart(
                 _get(f, "harmonic/ifc_cells", path), _get(f, "harmonic/ifc", path),
                 _get(f, "harmonic/elastic", path), _get(f, "harmonic/internal_strain", path), born, eps,
+                conservative=bool(f["harmonic"].attrs.get("conservative", True)),
+                strain_ifc_cells=f["harmonic/strain_ifc_cells"][()] if "harmonic/strain_ifc_cells" in f else None,
+                strain_ifc=f["harmonic/strain_ifc"][()] if "harmonic/strain_ifc" in f else None,
             )
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in _get(f, "anharmonic/names", path)]
             anharmonic = _unflatten_terms(

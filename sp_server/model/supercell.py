@@ -60,17 +60,27 @@ def expand_reference(model: Model, matrix) -> Model:
     reference = Reference(cell, positions, ref.numbers[pick], ref.masses[pick], ref.energy * nrep)
 
     h = model.harmonic
-    blocks: dict = {}
-    for R, blk in zip(h.ifc_cells, h.ifc):
-        for k, (i, ck) in enumerate(order):
-            for j in range(ref.natoms):
-                l, Rn = sites.to_new(j, np.array(ck) + R)
-                acc = blocks.setdefault(Rn, np.zeros((nat_new, 3, nat_new, 3)))
-                acc[k, :, l, :] += blk[i, :, j, :]
-    cells = sorted(blocks)
-    harmonic = HarmonicPart(np.array(cells), np.array([blocks[c] for c in cells]), h.elastic,
-                            h.internal_strain[pick],
-                            None if h.born_charges is None else h.born_charges[pick], h.epsilon_inf)
+
+    def expand_blocks(old_cells, old_blocks):
+        blocks: dict = {}
+        for R, blk in zip(old_cells, old_blocks):
+            for k, (i, ck) in enumerate(order):
+                for j in range(ref.natoms):
+                    l, Rn = sites.to_new(j, np.array(ck) + R)
+                    acc = blocks.setdefault(Rn, np.zeros((nat_new, 3, nat_new, 3)))
+                    acc[k, :, l, :] += blk[i, :, j, :]
+        cells = sorted(blocks)
+        return np.array(cells), np.array([blocks[c] for c in cells])
+
+    cells, ifc = expand_blocks(h.ifc_cells, h.ifc)
+    s_cells = s_ifc = None
+    if h.has_strain_ifc:
+        per_v = [expand_blocks(h.strain_ifc_cells, h.strain_ifc[v]) for v in range(6)]
+        s_cells = per_v[0][0]
+        s_ifc = np.array([b for _, b in per_v])
+    harmonic = HarmonicPart(cells, ifc, h.elastic, h.internal_strain[pick],
+                            None if h.born_charges is None else h.born_charges[pick], h.epsilon_inf,
+                            conservative=h.conservative, strain_ifc_cells=s_cells, strain_ifc=s_ifc)
 
     coefs = []
     for coef in model.anharmonic.coefficients:

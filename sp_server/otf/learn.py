@@ -235,7 +235,8 @@ class Learner:
                 if source in sources:          # written to the store before a stop: only its mark was missing
                     marks.append((row.id, "learned", {}))
                     continue
-                if float(row.get("max_displacement", 0.0)) > far:
+                small = int(row.get("natoms", 0)) <= self.settings.max_atoms
+                if small and float(row.get("max_displacement", 0.0)) > far:   # labelled as it is: too far already
                     marks.append((row.id, "skipped", {"learn_note": f"an atom {row.get('max_displacement'):.2f} A "
                                                                     f"from its site (> {far} A)"}))
                     counts.received += 1
@@ -253,6 +254,11 @@ class Learner:
                              "marked skipped")
                     marks.append((row.id, "skipped", {"learn_note": f"{type(exc).__name__}: {exc}"[:300]}))
                     counts.failed += 1
+                    continue
+                if frame.max_displacement > far:   # what would be labelled (the sub-cell of a big frame) is too far
+                    marks.append((row.id, "skipped", {"learn_note": f"an atom {frame.max_displacement:.2f} A from "
+                                                                    f"its site in the labelled cell (> {far} A)"}))
+                    counts.skipped += 1
                     continue
                 dup = patterns.duplicate_of(frame)
                 if dup is not None:

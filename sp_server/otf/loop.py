@@ -416,10 +416,11 @@ class OnTheFly:
                 run_worker(self.store, self.oracle, owner=owner_name("otf"),
                            checks=LabelChecks(max_force=cfg.label.max_force), lease_seconds=cfg.label.lease_s,
                            progress=self.progress, log=lambda m: self.log(f"  {m}"))
-            released = self.store.release_dead_claims()
+            released = self._release_after_workers()
             if released:
                 self.log(f"  {released} claim(s) of a labelling process that died mid-call returned to pending")
-            if not self.store.counts()["pending"]:
+            counts = self.store.counts()
+            if not counts["pending"] and not counts["claimed"]:
                 break
         counts = self.store.counts()
         labeled = counts["labeled"] - before
@@ -428,9 +429,20 @@ class OnTheFly:
         self._save_state(oracle_calls=int(self.state.get("harmonic_calls", 0)) + counts["labeled"] + counts["failed"])
         self.log(f"  labelled {labeled} frame(s) in {time.monotonic() - t0:.1f} s with {cfg.oracle}; "
                  f"{counts['failed']} failed in all, {counts['pending']} pending")
-        if counts["pending"]:
-            raise RuntimeError(f"{counts['pending']} frame(s) are still pending after labelling (see otf.log); "
-                               "run sp-server otf again to retry them")
+        if counts["pending"] or counts["claimed"]:
+            raise RuntimeError(f"{counts['pending']} frame(s) are still pending and {counts['claimed']} claimed after "
+                               "labelling (see otf.log); run sp-server otf again to retry them")
+
+    def _release_after_workers(self, wait_s: float = 30.0) -> int:
+        """The labelling processes have returned: claims of this host left behind belong to ranks that died or are
+        dying (MPI ends a crashed rank's siblings asynchronously).  Release them, waiting up to ``wait_s`` for the
+        last ranks to go (a claim must not be mistaken for live work and left claimed)."""
+        released = self.store.release_dead_claims()
+        deadline = time.monotonic() + wait_s
+        while self.store.claimed_by_this_host() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            released += self.store.release_dead_claims()
+        return released
 
     def _label_mpi(self):
         cfg = self.config

@@ -147,6 +147,39 @@ def write_ipi_input(job: MDJob, address: str, settings: MDSettings):
         ensemble_motion=block))
 
 
+def continue_ipi_input(restart, directory, address: str, steps: int, stride: Optional[int] = None) -> Path:
+    """i-PI's input.xml in ``directory`` that continues the run saved in ``restart`` (an i-PI RESTART or checkpoint
+    file: positions of every bead, momenta, cell, thermostat and barostat states, random-number state) for ``steps``
+    more MD steps, with its force field on the UNIX socket /tmp/ipi_``address``; ``stride`` (steps) replaces the
+    trajectory stride.  Use it to start production from an equilibrated state (i-PI counts steps on from the
+    restart's <step>)."""
+    import xml.etree.ElementTree as ET
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tree = ET.parse(restart)
+    root = tree.getroot()
+    step_el = root.find("step")
+    done = int(step_el.text) if step_el is not None and step_el.text else 0
+    total = root.find("total_steps")
+    if total is None:
+        raise ValueError(f"{restart}: no <total_steps>: not an i-PI restart file")
+    total.text = str(done + int(steps))
+    sockets = root.findall("ffsocket")
+    if len(sockets) != 1:
+        raise ValueError(f"{restart}: {len(sockets)} <ffsocket> elements, expected one")
+    sockets[0].set("mode", "unix")
+    addr = sockets[0].find("address")
+    if addr is None:
+        addr = ET.SubElement(sockets[0], "address")
+    addr.text = address
+    if stride is not None:
+        for traj in root.iter("trajectory"):
+            traj.set("stride", str(int(stride)))
+    path = directory / "input.xml"
+    tree.write(path)
+    return path
+
+
 def run_md(model_path, jobs: list[MDJob], queue_url: str, threshold: ErrorThreshold,
            settings: MDSettings = MDSettings(), progress: Optional[Callable] = None) -> list[MDOutcome]:
     """Run the jobs concurrently (one i-PI each, one server); returns one outcome per job.  ``progress(done)`` is

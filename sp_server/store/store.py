@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -12,6 +13,22 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from .db import connect, is_postgres, store_lock, transaction
 
 STATES = ("pending", "claimed", "labeled", "failed", "excluded")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs: a zombie (exited, not yet reaped: an MPI rank whose parent
+    died is reparented, and some init processes reap late) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 class StoreError(RuntimeError):
@@ -68,31 +85,43 @@ class Store:
         with self._db() as db:
             return db.count(run=run) > 0
 
+    def claimed_by_this_host(self) -> int:
+        """How many frames are claimed by processes of this host (alive or not)."""
+        host = socket.gethostname()
+        with self._db() as db:
+            return sum(1 for r in db.select(state="claimed") if str(r.get("owner", "")).split(":")[0] == host)
+
     def release_dead_claims(self) -> int:
         """Claims of processes of this host that no longer exist (owner 'host:pid:tag', see
         sp_server.otf.label.owner_name) go back to pending at once (or to failed when that was the last attempt);
-        returns how many were released."""
+        returns how many were released.
+
+        Blame: when a single claim died, its attempt counts (a structure that kills its worker every time must end
+        as failed).  When several died together (MPI ends a crashed rank's siblings), at most one of them is the
+        culprit: none of their attempts counts, each gets a ``deaths`` mark instead, and a frame is failed only after
+        2 x max_attempts deaths.  So a good frame that was merely in flight beside a crashing one is never failed
+        for it, and a structure that always kills its rank still ends failed."""
         host = socket.gethostname()
         released = 0
         with self._locked():
             with transaction(self.url) as db:
+                dead = []
                 for row in list(db.select(state="claimed")):
                     parts = str(row.get("owner", "")).split(":")
                     if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
                         continue
-                    try:
-                        os.kill(int(parts[1]), 0)
-                        continue  # alive
-                    except ProcessLookupError:
-                        pass
-                    except PermissionError:
-                        continue
-                    # the attempt counts (a structure that kills its worker every time must end as failed), with
-                    # the reason, like any failed label
+                    if not _process_alive(int(parts[1])):
+                        dead.append(row)
+                shared = len({str(r.get("owner")) for r in dead}) > 1
+                for row in dead:
                     attempts = int(row.get("attempts", 1))
-                    state = "failed" if attempts >= self.max_attempts else "pending"
-                    db.update(row.id, state=state, owner="",
-                              last_error=f"the labelling process {row.get('owner')} died during the call")
+                    deaths = int(row.get("deaths", 0)) + 1
+                    if shared:      # collateral possible: the attempt is given back, the death is counted
+                        attempts = max(attempts - 1, 0)
+                    failed = attempts >= self.max_attempts or deaths >= 2 * self.max_attempts
+                    db.update(row.id, state="failed" if failed else "pending", owner="", attempts=attempts,
+                              deaths=deaths, last_error=f"the labelling process {row.get('owner')} died during the "
+                                                        "call" + (" (with others)" if shared else ""))
                     released += 1
         return released
 

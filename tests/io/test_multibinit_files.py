@@ -90,3 +90,32 @@ def test_truncated_and_wrong_files(tmp_path, toy):
         read_system_xml(nan)
     with pytest.raises(MultibinitFormatError, match="no such file"):
         read_system_xml(tmp_path / "absent.xml")
+
+
+def test_strain_dependent_force_constants_round_trip(tmp_path):
+    """<correction_force_constant> blocks: exported, read back (dPhi/deta_v, the Taylor term) and saved in the
+    model file unchanged; the multibinit-exact import refuses them (multibinit 9.6.2 evaluates them
+    inconsistently, docs/multibinit.md); <correction_strain_force_constant>, which multibinit never reads, is
+    refused when non-zero."""
+    from sp_server.model.native import load_model, save_model
+    from sp_server.model.toy import toy_perovskite
+    from tests.model.test_finite_differences import with_strain_ifc
+    model = with_strain_ifc(toy_perovskite())
+    sys_xml, _ = export_multibinit(model, tmp_path / "sifc")
+    assert sys_xml.read_text().count("<correction_force_constant") > 6
+    back = import_multibinit(system=sys_xml, numbers=model.reference.numbers)
+    h, hb = model.harmonic, back.harmonic
+    assert hb.has_strain_ifc
+    a = {tuple(c): h.strain_ifc[:, k] for k, c in enumerate(h.strain_ifc_cells)}
+    b = {tuple(c): hb.strain_ifc[:, k] for k, c in enumerate(hb.strain_ifc_cells)}
+    assert max(np.abs(a[c] - b.get(c, 0)).max() for c in a) < 1e-10 * np.abs(h.strain_ifc).max()
+    path = save_model(back, tmp_path / "m.h5")
+    again = load_model(path).harmonic
+    assert np.array_equal(again.strain_ifc, hb.strain_ifc) and np.array_equal(again.strain_ifc_cells,
+                                                                                hb.strain_ifc_cells)
+    with pytest.raises(MultibinitFormatError, match="multibinit-exactly"):
+        read_system_xml(sys_xml, numbers=model.reference.numbers, exact=True)
+    text = sys_xml.read_text().replace("correction_force_constant", "correction_strain_force_constant")
+    (tmp_path / "other.xml").write_text(text)
+    with pytest.raises(MultibinitFormatError, match="correction_strain_force_constant"):
+        read_system_xml(tmp_path / "other.xml", numbers=model.reference.numbers)

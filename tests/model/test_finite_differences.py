@@ -85,3 +85,46 @@ def test_total_model_large_strain_and_rotation():
     forces = atoms.get_forces()
     idx = [(0, 0), (3, 2), (7, 1), (11, 0)]
     assert np.abs(fd_forces(atoms, idx) - np.array([forces[a, c] for a, c in idx])).max() < 1e-6 * np.abs(forces).max()
+
+
+def with_strain_ifc(model, seed=1, size=0.3):
+    """The model plus strain-dependent force constants dPhi(R)/deta_v: random, symmetric (Phi(R) = Phi(-R)^T) and
+    with the acoustic sum rule, on the model's own force-constant cells."""
+    from sp_server.model.model import HarmonicPart, Model
+    h = model.harmonic
+    rng = np.random.default_rng(seed)
+    cells = h.ifc_cells
+    index = {tuple(c): k for k, c in enumerate(cells)}
+    opp = [index[tuple(-c)] for c in cells]
+    s = rng.normal(0, size, (6,) + h.ifc.shape) * (np.abs(h.ifc) > 0)
+    s = 0.5 * (s + s[:, opp].transpose(0, 1, 4, 5, 2, 3))
+    for v in range(6):   # the acoustic sum rule, keeping the symmetry (HarmonicPart.impose_asr)
+        tmp = HarmonicPart(cells, s[v], h.elastic, h.internal_strain)
+        tmp.impose_asr()
+        assert len(tmp.ifc_cells) == len(cells)
+        s[v] = tmp.ifc
+    part = HarmonicPart(h.ifc_cells, h.ifc, h.elastic, h.internal_strain, h.born_charges, h.epsilon_inf,
+                        strain_ifc_cells=cells, strain_ifc=s)
+    return Model(model.reference, part, model.anharmonic, name=model.name + "+sIFC")
+
+
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 2, 3)])
+def test_strain_dependent_force_constants_match_finite_differences(mesh):
+    """E_sIFC = sum_v eta_v u.dPhi_v.u / 2 (MULTIBINIT's <correction_force_constant>): forces and stress against
+    finite differences, alone (strain_phonon part of a model without internal strain) and with everything."""
+    model = with_strain_ifc(toy_perovskite())
+    for parts in (["strain_phonon"], None):
+        atoms = displaced(model, mesh, seed=3, strain=0.02)
+        atoms.calc = SecondPrinciplesCalculator(model, parts=parts)
+        forces, stress = atoms.get_forces(), atoms.get_stress()
+        fscale, sscale = np.abs(forces).max(), np.abs(stress).max()
+        assert fscale > 1e-4 and sscale > 1e-6
+        idx = [(0, 0), (3, 2), (7, 1), (len(atoms) - 1, 0)]
+        assert np.abs(fd_forces(atoms, idx) - np.array([forces[a, c] for a, c in idx])).max() < 1e-6 * fscale
+        assert np.abs(fd_stress(atoms) - stress).max() < 1e-6 * sscale
+    # translation invariance (the blocks keep the sum rule)
+    atoms = displaced(model, mesh, seed=3, strain=0.02)
+    atoms.calc = SecondPrinciplesCalculator(model, parts=["strain_phonon"])
+    e0, f0 = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.positions += [0.1, -0.2, 0.05]
+    assert abs(atoms.get_potential_energy() - e0) < 1e-9 and np.abs(atoms.get_forces() - f0).max() < 1e-9

@@ -92,6 +92,34 @@ def test_claims_of_a_dead_process_are_released_and_the_attempt_counts(tmp_path):
     assert sorted(r.state for r in store.rows()) == ["claimed", "failed", "failed"]
 
 
+def test_frames_dying_together_are_not_blamed_but_a_persistent_killer_still_fails(tmp_path):
+    """MPI ends a crashed rank's siblings: claims of two processes that died together give their attempts back
+    (deaths counted instead), so a good frame in flight beside a crashing one is not failed for it; a frame that
+    keeps dying still ends failed, after 2 x max_attempts deaths."""
+    import socket
+    store = Store(tmp_path / "s.db", max_attempts=2)
+    for a in frames(2):
+        store.add(a)
+
+    def dead_pids(n):
+        out = []
+        for _ in range(n):
+            p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+            out.append(int(p.stdout))
+        return out
+
+    host = socket.gethostname()
+    for round_ in range(4):
+        a, b = dead_pids(2)
+        assert len(store.claim(f"{host}:{a}:rank0", n=1)) == 1 and len(store.claim(f"{host}:{b}:rank1", n=1)) == 1
+        assert store.release_dead_claims() == 2
+        rows = store.rows()
+        if round_ < 3:
+            assert all(r.state == "pending" and r.attempts == 0 and r.deaths == round_ + 1 for r in rows)
+            assert all("(with others)" in r.last_error for r in rows)
+    assert all(r.state == "failed" and r.deaths == 4 for r in store.rows())
+
+
 def test_mpiexec_two_ranks_label_every_frame_once(tmp_path):
     mpiexec = VENV_BIN / "mpiexec"
     if not mpiexec.exists():

@@ -269,6 +269,48 @@ def test_budget_leaves_the_rest_pending_and_decisions_guard_publication(tmp_path
 
 
 @pytest.mark.timeout(120)
+def test_the_displacement_gate_applies_to_the_cell_that_would_be_labelled(tmp_path, run_template, monkeypatch):
+    """A big frame is too far only when its carved sub-cell is: one atom far out in a 5000-atom frame does not make
+    a sub-cell on the other side unlabellable (the gate used to look at the whole frame and skipped most flags of a
+    10^3 NPT run)."""
+    import sp_server.otf.learn as learn_mod
+    run = copy_run(run_template, tmp_path)
+    model = load_model(run / "model.h5")
+    mesh, nat = (6, 2, 2), model.natoms
+    url = tmp_path / "q.db"
+    learner = Learner(run, [url], LearnSettings(max_atoms=3 * 2 * 2 * nat, min_labels=100), log=lambda m: None)
+    far = learner.otf.config.md.label_max_displacement
+    q = FlagQueue(url)
+    frames = []
+    for k, centre_cell in enumerate([(3, 0, 0), (0, 0, 0)]):   # the far atom sits in cell (0, 0, 0)
+        a = thermal(model, mesh, seed=k, amp=0.03)
+        a.positions[1] += (far + 0.3) * np.array([1.0, 0.0, 0.0])
+        frames.append(centre_cell)
+        q.put({"cell": a.cell.array, "positions": a.positions, "numbers": a.numbers, "frame": 10 * k, "bead": 0,
+               "connection": 0, "model_version": model.version, "errors": {"force_max": 1.0}, "energy_ev": 0.0,
+               "max_displacement": far + 0.3, "reason": "local maximum of force_max > 0.1"})
+    assert q.close() == 0
+    centres = iter(frames)
+
+    def carve_at(model_, atoms, shape, evaluator):   # the centre the test chooses instead of the largest error
+        frame = evaluator.mapper.map(atoms.cell.array, atoms.positions, atoms.numbers)
+        site = int(np.ravel_multi_index(next(centres), mesh)) * nat
+        c = carve_frame(model_, frame, shape, site)
+        c.error = 1.0
+        return c
+
+    monkeypatch.setattr(learn_mod, "carve", carve_at)
+    counts = learner.pull()
+    assert (counts.received, counts.added, counts.skipped) == (2, 1, 1)
+    with ase.db.connect(str(url)) as db:
+        states = {r.frame: (r.state, r.get("learn_note", "")) for r in db.select("frame>=0")}
+    assert states[0][0] == "learned"
+    assert states[10][0] == "skipped" and "in the labelled cell" in states[10][1]
+    added = Store(run / "store.db").rows(origin="learn")
+    assert len(added) == 1 and len(added[0].toatoms()) == 3 * 2 * 2 * nat
+
+
+@pytest.mark.timeout(120)
 def test_a_second_learner_on_the_same_run_or_queue_is_refused(tmp_path, run_template, monkeypatch):
     import sp_server.otf.learn as learn_module
     from sp_server.store.db import LockTimeout

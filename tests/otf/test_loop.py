@@ -162,18 +162,27 @@ def test_loop_end_to_end(tmp_path):
     assert len(Store(tmp_path / "run" / "store.db").rows()) == n
 
 
+# every process this test session starts inherits this marker (mpiexec passes the environment on to its ranks), so
+# that oracle_children sees only this suite's processes when two suites share a machine
+os.environ.setdefault("SP_SERVER_TEST_SUITE", str(os.getpid()))
+
+
 def oracle_children() -> set:
-    """pids of isolated oracle processes and MPI labelling ranks / mpiexec of sp-server label."""
+    """pids of this suite's isolated oracle processes and MPI labelling ranks / mpiexec of sp-server label."""
     out = set()
+    mark = f"SP_SERVER_TEST_SUITE={os.environ['SP_SERVER_TEST_SUITE']}".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not ("sp_server.oracles.isolated" in cmd or "sp_server.cli.main label" in cmd):
+                continue
+            if mark not in (proc / "environ").read_bytes().split(b"\0"):
+                continue   # another suite's (or user's) process
         except OSError:
             continue
-        if "sp_server.oracles.isolated" in cmd or ("sp_server.cli.main label" in cmd):
-            out.add(int(proc.name))
+        out.add(int(proc.name))
     return out
 
 
@@ -295,12 +304,13 @@ def test_a_labelling_rank_killed_mid_call_loses_nothing(tmp_path):
     otf.store.add_many(_rattled_unit_cells(teacher_model), run="test")
     otf.label_stage()
     rows = otf.store.rows()
-    assert len(rows) == 6 and all(r.state == "labeled" for r in rows)
+    assert len(rows) == 6 and all(r.state == "labeled" for r in rows), \
+        [(r.id, r.state, r.get("attempts"), r.get("last_error")) for r in rows]
     log = (tmp_path / "faults" / "calls.log").read_text().split()
     crashed = {key for key, kind in zip(log[0::4], log[2::4]) if kind == "crash"}
     assert crashed, "no call crashed its rank"
     died = [r for r in rows if "died during the call" in str(r.get("last_error", ""))]
-    assert died and all(r.attempts >= 2 for r in died)
+    assert died and all(r.get("deaths", 0) >= 1 for r in died)   # each released with its death recorded
     # every structure computed to the end and stored once (MPI ends the sibling rank too, so a call it had in
     # flight may be computed again: lost work, never a doubled or lost frame)
     done = {key for key, kind in zip(log[0::4], log[2::4]) if kind == "none"}

@@ -44,7 +44,7 @@ def run_ipi(work, name, connections=1, model=MODEL, serve_args=()):
         ipi.kill()
     assert srv.returncode == 0, srv.stdout + srv.stderr
     assert "I-PI reports success" in out, out[-3000:]
-    prefix = re.search(r"<output prefix='(\w+)'>", text).group(1)
+    prefix = re.search(r"<output prefix=['\"](\w+)['\"]>", text).group(1)
     return np.loadtxt(work / f"{prefix}.out"), srv.stderr
 
 
@@ -77,6 +77,18 @@ def test_generated_inputs_npt_and_path_integral_run_in_ipi(tmp_path, beads):
     assert len(frames) in (4, 5) and len(frames[0]) == len(atoms)   # every 5th of 20 steps
     volume = data[:, 5]
     assert (np.ptp(volume) > 0) == (beads == 1)      # the flexible cell moves under NPT, PIMD is at fixed cell
+    # production from the equilibrated state: continue_ipi_input on i-PI's RESTART, another socket, 10 more steps
+    from sp_server.otf.md import continue_ipi_input
+    name2 = f"spg{uuid.uuid4().hex[:8]}"
+    continue_ipi_input(tmp_path / "RESTART", tmp_path / "more", name2, 10, stride=2)
+    more, log2 = run_ipi(tmp_path / "more", name2, connections=beads)
+    more = np.atleast_2d(more)
+    assert more[0, 0] > 20 and more[-1, 0] == 30 and log2.count("connected to") == beads   # i-PI counts on
+    last = ase.io.read(tmp_path / "md.pos_0.extxyz", -1)          # step 20
+    first = ase.io.read(tmp_path / "more" / "md.pos_0.extxyz", 0)  # step 22: two steps on, not a fresh start
+    step = np.abs(first.positions - last.positions).max()
+    fresh = np.abs(atoms.positions - last.positions).max()
+    assert step < 0.5 * fresh, (step, fresh)
 
 
 def test_nvt(tmp_path):

@@ -33,7 +33,8 @@ def _pg_schema_url(request) -> str:
     if not base:
         pytest.skip(f"set {PG_ENV} to a PostgreSQL URL (make test does, via tools/ci_postgres.sh)")
     import psycopg2
-    schema = "spq_" + re.sub(r"\W+", "_", request.node.originalname.lower())[:50]
+    # the pid keeps two suites on one database (one machine, or CI runners sharing a server) apart
+    schema = f"spq_{os.getpid()}_" + re.sub(r"\W+", "_", request.node.originalname.lower())[:40]
     con = psycopg2.connect(base)
     con.autocommit = True
     with con.cursor() as cur:

@@ -272,13 +272,10 @@ def test_one_process_serves_two_engines(tmp_path, toy):
     assert out.count("EXIT after 1 frames") == 2
 
 
-@pytest.mark.skipif(not os.environ.get("SP_SERVER_TEST_POSTGRES"),
-                    reason="set SP_SERVER_TEST_POSTGRES to a PostgreSQL URL (make test does, via tools/ci_postgres.sh)")
-def test_queue_in_postgresql(tmp_path, toy, name):
+def test_queue_in_postgresql(tmp_path, toy, name, request):
     """The same server code writes the flag queue to a PostgreSQL database given by URL."""
-    url = os.environ["SP_SERVER_TEST_POSTGRES"]
-    with ase.db.connect(url) as db:
-        db.delete([row.id for row in db.select()])
+    from tests.server.test_queue_faults import _pg_schema_url
+    url = _pg_schema_url(request)   # skips without SP_SERVER_TEST_POSTGRES; a schema of this test's own
     path = save_model(toy, tmp_path / "m.h5")
     far = toy.supercell((2, 2, 2))
     far.positions[7] += [0, 1.4, 0]

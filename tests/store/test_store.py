@@ -25,13 +25,8 @@ def frames(n):
 def url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "store.db")
-    pg = os.environ.get("SP_SERVER_TEST_POSTGRES")
-    if not pg:
-        pytest.skip("set SP_SERVER_TEST_POSTGRES (make test does)")
-    import ase.db
-    with ase.db.connect(pg) as db:
-        db.delete([r.id for r in db.select()])
-    return pg
+    from tests.server.test_queue_faults import _pg_schema_url
+    return _pg_schema_url(request)   # skips without SP_SERVER_TEST_POSTGRES; a schema of this test's own
 
 
 def _worker(url, owner, q):
