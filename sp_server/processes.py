@@ -2,8 +2,10 @@
 or waiting forever, and making them die with us."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+from pathlib import Path
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> int | None:
@@ -28,3 +30,20 @@ def die_with_parent(sig: int = signal.SIGTERM):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs.  A zombie (exited, not yet reaped: an MPI rank whose parent
+    died is reparented, and some init processes reap late) counts as dead; a process we may not signal counts as
+    alive."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        return True

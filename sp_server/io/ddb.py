@@ -852,11 +852,9 @@ def harmonic_from_ddb(ddb: DDB, *, dipdip: bool = True, asr: bool = True):
         warnings.warn(f"{ddb.path}: no Born charges / dielectric tensor in the DDB: no dipole-dipole part",
                       stacklevel=2)
     target = None
-    if use_dd:
+    if use_dd:   # what the short-range row sums must be (see 4.; zero to rounding for symmetric Born charges)
         from ..kernels.ewald import dipole_sum_rule_rest
-        rest = dipole_sum_rule_rest(ddb.cell, ddb.positions, ddb.born_charges, ddb.epsilon_inf)
-        if np.abs(rest).max() > 1e-10 * max(np.abs(ddb.born_charges).max(), 1.0):
-            target = -rest      # what the short-range row sums must be (see 4.)
+        target = -dipole_sum_rule_rest(ddb.cell, ddb.positions, ddb.born_charges, ddb.epsilon_inf)
         dyn = dyn - _dipole_part(ddb, qpts)
     grid = dyn.reshape(mesh + (nat, 3, nat, 3))
     phi = np.fft.fftn(grid, axes=(0, 1, 2)) / np.prod(mesh)   # Phi_per(m) = 1/N sum_k C(k/N) exp(-2 pi i k.m/N)

@@ -23,6 +23,8 @@ import secrets
 import socket
 from pathlib import Path
 
+from ..processes import process_alive
+
 #: errno values that mean "this disk cannot take the file now": full, over quota, read-only, not writable, too big
 DISK_ERRNOS = frozenset(e for e in (_errno.ENOSPC, getattr(_errno, "EDQUOT", None), _errno.EROFS, _errno.EACCES,
                                     _errno.EFBIG) if e is not None)
@@ -114,13 +116,8 @@ def _remove_stale(path: Path):
         host, _, pid = name[len(prefix):-len(".tmp")].rpartition(".")[0].rpartition("~")
         if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue  # exists (not ours to signal)
+        if process_alive(int(pid)):
+            continue  # still writing
         with contextlib.suppress(OSError):
             os.unlink(path.parent / name)
 

@@ -92,6 +92,14 @@ def _mass_to_number(mass: float) -> int:
 MULTIBINIT_STRAIN_COUPLING_FACTOR = 0.5
 
 
+def _closed_under_inversion(cells) -> tuple[list, list]:
+    """The lattice translations ``cells`` (tuples) and their opposites, sorted, and for each the index of its
+    opposite (for Phi(R) = Phi(-R)^T)."""
+    out = sorted(set(cells) | {tuple(-x for x in c) for c in cells})
+    where = {c: k for k, c in enumerate(out)}
+    return out, [where[tuple(-x for x in c)] for c in out]
+
+
 # --------------------------------------------------------------------------------------------- system XML
 def read_system_xml(path, *, numbers=None, exact: bool = False) -> tuple[Reference, HarmonicPart, dict]:
     """Read a MULTIBINIT ``<System_definition>`` file into our Reference and HarmonicPart (eV, Angstrom).
@@ -179,10 +187,9 @@ def read_system_xml(path, *, numbers=None, exact: bool = False) -> tuple[Referen
         raise MultibinitFormatError(f"{path}: no <local_force_constant> or <total_force_constant> blocks")
     # complete the (R, -R) pairs and symmetrise, Phi(R) = Phi(-R)^T: multibinit's own blocks are symmetric only to
     # ~1e-7 relative, and only the symmetric part is a quadratic form (forces = -dE/du exactly)
-    cells = sorted(set(ifc_blocks) | {tuple(-np.array(c)) for c in ifc_blocks})
+    cells, opposite = _closed_under_inversion(ifc_blocks)
     zero = np.zeros((nat, 3, nat, 3))
     ifc = np.array([ifc_blocks.get(c, zero) for c in cells])
-    opposite = [cells.index(tuple(-np.array(c))) for c in cells]
     sym = 0.5 * (ifc + ifc[opposite].transpose(0, 3, 4, 1, 2))
     asym = float(np.abs(ifc - sym).max())
 
@@ -227,12 +234,12 @@ def read_system_xml(path, *, numbers=None, exact: bool = False) -> tuple[Referen
             "those of any force field; import without --multibinit-exact (dPhi/deta as a Taylor term, "
             "docs/multibinit.md)")
     if strain_blocks:
-        s_cells = sorted({c for _, c in strain_blocks} | {tuple(-np.array(c)) for _, c in strain_blocks})
+        s_cells, opp = _closed_under_inversion({c for _, c in strain_blocks})
+        where = {c: k for k, c in enumerate(s_cells)}
         s_ifc = np.zeros((6, len(s_cells), nat, 3, nat, 3))
         for (v, c), mat in strain_blocks.items():
-            s_ifc[v, s_cells.index(c)] = mat   # dPhi(R)/deta_v: E = sum_v eta_v u.dPhi_v.u / 2
+            s_ifc[v, where[c]] = mat   # dPhi(R)/deta_v: E = sum_v eta_v u.dPhi_v.u / 2
         if not exact:   # a quadratic form in u for each strain component, like the force constants
-            opp = [s_cells.index(tuple(-np.array(c))) for c in s_cells]
             s_ifc = 0.5 * (s_ifc + s_ifc[:, opp].transpose(0, 1, 4, 5, 2, 3))
         s_cells = np.array(s_cells)
     try:

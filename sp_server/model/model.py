@@ -83,18 +83,24 @@ class Reference:
 NON_CONSERVATIVE_TOLERANCE = 1e-3
 
 
-def _check_pairs(cells, blocks, tolerance: float, what: str):
-    """blocks[k] (nat, 3, nat, 3) at cells[k] must equal blocks(-R)^T to ``tolerance`` of the largest element."""
+def _pair_deviations(cells, blocks):
+    """For each block (nat, 3, nat, 3) at cells[k]: (R, |blocks(R) - blocks(-R)^T| relative to the largest element,
+    whether blocks(-R) is missing; a missing one counts as zero)."""
     index = {tuple(r): k for k, r in enumerate(cells)}
     scale = max(np.abs(blocks).max(), 1e-30)
     for k, r in enumerate(cells):
         m = index.get(tuple(-r))
-        if m is None:
-            if np.abs(blocks[k]).max() > max(1e-12, tolerance) * scale:
-                raise ValueError(f"{what}: cell {tuple(r)} present but its opposite {tuple(-r)} is missing")
-            continue
-        if np.abs(blocks[k] - blocks[m].transpose(2, 3, 0, 1)).max() > tolerance * scale:
-            raise ValueError(f"{what}: Phi(R) != Phi(-R)^T for R = {tuple(r)} beyond {tolerance:g} of the largest "
+        other = 0.0 if m is None else blocks[m].transpose(2, 3, 0, 1)
+        yield tuple(int(x) for x in r), float(np.abs(blocks[k] - other).max()) / scale, m is None
+
+
+def _check_pairs(cells, blocks, tolerance: float, what: str):
+    """blocks[k] (nat, 3, nat, 3) at cells[k] must equal blocks(-R)^T to ``tolerance`` of the largest element."""
+    for r, dev, missing in _pair_deviations(cells, blocks):
+        if missing and dev > max(1e-12, tolerance):
+            raise ValueError(f"{what}: cell {r} present but its opposite {tuple(-x for x in r)} is missing")
+        if not missing and dev > tolerance:
+            raise ValueError(f"{what}: Phi(R) != Phi(-R)^T for R = {r} beyond {tolerance:g} of the largest "
                              "block (not a symmetric quadratic form)")
 
 
@@ -184,14 +190,7 @@ class HarmonicPart:
     def asymmetry(self) -> float:
         """Largest |Phi(R) - Phi(-R)^T| relative to the largest block element (0 for a quadratic form); a block
         whose opposite cell is missing counts whole."""
-        index = {tuple(r): k for k, r in enumerate(self.ifc_cells)}
-        scale = max(np.abs(self.ifc).max(), 1e-30)
-        worst = 0.0
-        for k, r in enumerate(self.ifc_cells):
-            m = index.get(tuple(-r))
-            other = 0.0 if m is None else self.ifc[m].transpose(2, 3, 0, 1)
-            worst = max(worst, float(np.abs(self.ifc[k] - other).max()) / scale)
-        return worst
+        return max((dev for _, dev, _ in _pair_deviations(self.ifc_cells, self.ifc)), default=0.0)
 
     @property
     def has_strain_ifc(self) -> bool:

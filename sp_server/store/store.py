@@ -4,31 +4,24 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from ..processes import process_alive
 from .db import connect, is_postgres, store_lock, transaction
 
 STATES = ("pending", "claimed", "labeled", "failed", "excluded")
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs: a zombie (exited, not yet reaped: an MPI rank whose parent
-    died is reparented, and some init processes reap late) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] not in "ZX"
-    except (OSError, ValueError, IndexError):
-        return True
+def _owner_pid(owner, host: str) -> Optional[int]:
+    """The pid of a claim's owner 'host:pid:tag' (sp_server.otf.label.owner_name) when it is a process of ``host``,
+    else None."""
+    parts = str(owner or "").split(":")
+    if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+        return None
+    return int(parts[1])
 
 
 class StoreError(RuntimeError):
@@ -89,7 +82,7 @@ class Store:
         """How many frames are claimed by processes of this host (alive or not)."""
         host = socket.gethostname()
         with self._db() as db:
-            return sum(1 for r in db.select(state="claimed") if str(r.get("owner", "")).split(":")[0] == host)
+            return sum(1 for r in db.select(state="claimed") if _owner_pid(r.get("owner"), host) is not None)
 
     def release_dead_claims(self) -> int:
         """Claims of processes of this host that no longer exist (owner 'host:pid:tag', see
@@ -107,10 +100,8 @@ class Store:
             with transaction(self.url) as db:
                 dead = []
                 for row in list(db.select(state="claimed")):
-                    parts = str(row.get("owner", "")).split(":")
-                    if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
-                        continue
-                    if not _process_alive(int(parts[1])):
+                    pid = _owner_pid(row.get("owner"), host)
+                    if pid is not None and not process_alive(pid):
                         dead.append(row)
                 shared = len({str(r.get("owner")) for r in dead}) > 1
                 for row in dead:
