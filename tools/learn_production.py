@@ -80,7 +80,20 @@ class MD:
         self.server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
     def wait(self, timeout):
-        rc_ipi = self.ipi.wait(timeout)
+        """(i-PI exit code, server exit code); an i-PI left waiting for a client 120 s after its server ended (the
+        server closed the connection on a frame it could not map) is stopped: that run did not finish."""
+        deadline = time.monotonic() + timeout
+        server_gone = None
+        while self.ipi.poll() is None and time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                server_gone = server_gone or time.monotonic()
+                if time.monotonic() - server_gone > 120:
+                    print(f"{self.name}: the server ended (exit {self.server.returncode}) and i-PI waits for a "
+                          "client: stopping i-PI", flush=True)
+                    self.ipi.terminate()
+                    break
+            time.sleep(2)
+        rc_ipi = self.ipi.wait(60)
         try:
             rc_srv = self.server.wait(120)
         except subprocess.TimeoutExpired:

@@ -181,7 +181,7 @@ def _cmd_serve(args):
         raise ValueError(f"--error-stride must be >= 0, got {args.error_stride}")
     settings = ServeSettings(threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
                              wait=args.wait, error_stride=args.error_stride, trace_dir=args.trace,
-                             committee_extras=args.committee_extras)
+                             committee_extras=args.committee_extras, probation_frames=args.probation)
     server = ForceServer(args.model, args.address, args.port, args.unix, args.connections, args.queue, settings)
     return server.serve_forever()
 
@@ -196,7 +196,7 @@ def _cmd_lammps(args):
         raise ValueError(f"--error-stride must be >= 0, got {args.error_stride}")
     bridge = LammpsBridge(args.model, queue=args.queue,
                           threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
-                          error_stride=args.error_stride)
+                          error_stride=args.error_stride, probation_frames=args.probation)
     rc = bridge.run(args.deck, dict(args.var or []), log_file=args.log)
     print(f"LAMMPS deck {args.deck} finished: {bridge.frames} force evaluations; log in {args.log}")
     return rc
@@ -298,7 +298,9 @@ def _cmd_learn(args):
                              labels_total=args.labels_total, batch=args.batch, min_labels=args.min_labels,
                              poll_s=args.poll, timestep_fs=tuple(args.timestep_fs or [2.0]),
                              accept_tolerance=args.accept_tolerance,
-                             validation_every=args.validation_every, workers=args.workers)
+                             validation_every=args.validation_every, workers=args.workers,
+                             freeze_prior=not args.refit_prior, gate_steps=args.gate_steps,
+                             gate_temperature=args.gate_temperature)
     learner = Learner(args.run_dir, args.queue, settings, config=args.config, progress=not args.no_progress)
     try:
         cycles = learner.run(max_cycles=args.max_cycles, idle_exit_s=args.idle_exit)
@@ -415,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also send the Bayesian energy error as i-PI committee extras (committee_pot: E -/+ "
                          "sigma/sqrt 2, Hartree), read by i-PI's <ffcommittee> with <parse_json> (its "
                          "committee_uncertainty and active-learning output)")
+    sv.add_argument("--probation", type=int, default=2000, metavar="FRAMES",
+                    help="after a hot reload, a frame outside the trusted range within this many frames sends the "
+                         "server back to the version before (default 2000; 0: none)")
     sv.add_argument("--trace", metavar="DIR", help="write every frame's energy (eV) and Bayesian errors to "
                                                    "DIR/trace_K.csv, one file per connection K")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
@@ -429,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--error-stride", type=int, default=1, metavar="N",
                     help="with --queue: all Bayesian errors every N-th force call, those of the energy pass on the "
                          "others (as sp-server serve; default 1)")
+    lm.add_argument("--probation", type=int, default=2000, metavar="STEPS",
+                    help="after a hot reload, a step outside the trusted range within this many steps sends the "
+                         "bridge back to the version before (as sp-server serve; default 2000; 0: none)")
     lm.add_argument("--log", default="log.lammps", help="LAMMPS log file (relative to the deck's folder)")
     lm.set_defaults(func=_cmd_lammps)
 
@@ -484,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     ln.add_argument("--validation-every", type=int, default=8,
                     help="every n-th frame is kept for validation, never trained on (default 8; 0: none)")
     ln.add_argument("--workers", type=int, help="labelling workers (mpiexec; default: the run's [label] workers)")
+    ln.add_argument("--refit-prior", action="store_true",
+                    help="re-select the terms and re-optimise the prior and noise widths at every refit (default: "
+                         "keep those of the model the session started from, RUN_DIR/learn_prior.h5, so that no "
+                         "frame's Bayesian error grows from one version to the next)")
+    ln.add_argument("--gate-steps", type=int, default=500, metavar="FS",
+                    help="production gate: a candidate is published only if NPT MD of it from each queue's latest "
+                         "frame stays in the trusted range for this many fs (default 500; 0: no gate)")
+    ln.add_argument("--gate-temperature", type=float, metavar="K",
+                    help="the gate's temperature (default 1.5 x the highest temperature of the run's [loop])")
     ln.add_argument("--max-cycles", type=int, help="stop after this many cycles (default: run until SIGTERM)")
     ln.add_argument("--idle-exit", type=float, metavar="S",
                     help="stop after S seconds without a new frame or label (e.g. when the production runs ended)")

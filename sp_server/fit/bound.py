@@ -183,15 +183,30 @@ def relaxation_probes(model: Model, settings: BoundSettings) -> list:
 
 
 def _hot_md(model: Model, settings: BoundSettings):
-    """(ok, message, escape): escape is (mesh, u, eta, site) of the last frame before the MD left the trusted
-    range, with the site (flat index over the supercell) farthest from its place, or None."""
-    from ase import units
+    return hot_md(model, settings)
+
+
+def hot_md(model: Model, settings: BoundSettings, start=None, label: str = "hot MD"):
+    """The check's hot MD (Langevin, or the soft Berendsen NPT with ``md_cell``) at ``md_temperature`` for
+    ``md_steps`` steps of 1 fs: (ok, message, escape); escape is (mesh, u, eta, site) of the last frame before the
+    MD left the trusted range (``md_max_displacement``, ``md_max_strain``, a finite energy), with the site (flat
+    index over the supercell) farthest from its place, or None.  start: a mapped frame
+    (:class:`sp_server.model.mapping.Frame`) to start from, e.g. a production state (default: the reference
+    supercell of ``md_mesh``)."""
+    from ase import Atoms, units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     from ..calculator import SecondPrinciplesCalculator
     from ..model.mapping import FrameMapper, MappingError
-    atoms = model.supercell(settings.md_mesh)
+    if start is None:
+        atoms = model.supercell(settings.md_mesh)
+        mesh = tuple(settings.md_mesh)
+    else:
+        mesh = tuple(int(n) for n in start.mesh)
+        cell, positions = FrameMapper.frame_from_model(model.reference, mesh, start.u, start.eta)
+        atoms = Atoms(numbers=np.tile(model.reference.numbers, int(np.prod(mesh))), positions=positions,
+                      cell=cell, pbc=True)
     atoms.calc = SecondPrinciplesCalculator(model)
     MaxwellBoltzmannDistribution(atoms, temperature_K=settings.md_temperature,
                                  rng=np.random.default_rng(settings.seed))
@@ -206,8 +221,9 @@ def _hot_md(model: Model, settings: BoundSettings):
     else:
         dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=settings.md_temperature, friction=0.02,
                        fixcm=False, rng=np.random.default_rng(settings.seed + 1))
-    cell0 = atoms.cell.array.copy()
-    ref = atoms.positions.copy()
+    sites = model.supercell(mesh)
+    cell0 = sites.cell.array.copy()
+    ref = sites.positions.copy()
     last_ok = (atoms.cell.array.copy(), atoms.positions.copy())
 
     def escape_of(cell, positions):
@@ -224,7 +240,7 @@ def _hot_md(model: Model, settings: BoundSettings):
             dyn.run(1)
             e = atoms.get_potential_energy()
         except (ValueError, FloatingPointError) as exc:
-            return False, f"hot MD failed at step {step}: {exc}", escape_of(*last_ok)
+            return False, f"{label} failed at step {step}: {exc}", escape_of(*last_ok)
         # displacements from the sites scaled with the cell; strain of the cell from the reference supercell's
         deform = np.linalg.solve(cell0, atoms.cell.array)
         disp = atoms.positions - ref @ deform
@@ -232,11 +248,11 @@ def _hot_md(model: Model, settings: BoundSettings):
         dmax = float(np.sqrt((disp ** 2).sum(axis=1)).max())
         smax = float(np.abs(0.5 * (deform @ deform.T) - 0.5 * np.eye(3)).max())
         if not np.isfinite(e) or dmax > settings.md_max_displacement or smax > settings.md_max_strain:
-            return False, (f"hot MD ({settings.md_temperature:.0f} K, {settings.md_mesh}) left the trusted range at "
+            return False, (f"{label} ({settings.md_temperature:.0f} K, {mesh}) left the trusted range at "
                            f"step {step}: energy {e:.3g} eV, max displacement {dmax:.2f} A, max strain "
                            f"{smax:.3f}"), escape_of(*last_ok)
         last_ok = (atoms.cell.array.copy(), atoms.positions.copy())
-    return True, (f"hot MD ({settings.md_temperature:.0f} K, {settings.md_steps} steps"
+    return True, (f"{label} ({settings.md_temperature:.0f} K, {mesh}, {settings.md_steps} steps"
                   f"{', NPT' if settings.md_cell else ''}) stayed bounded"), None
 
 
@@ -346,7 +362,7 @@ def escape_rays(escape, margin: float = 1e-3) -> list:
 
 def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bounding: list, settings: BoundSettings = BoundSettings(),
                 probes: Optional[ProbeSettings] = None, max_rounds: int = 20, name=None, version=None, report=None,
-                log=print, fitted=None, cuts: list = (), max_cuts: int = 600):
+                log=print, fitted=None, cuts: list = (), max_cuts: int = 600, frozen=None):
     """Fit on the training set ``ts`` (a :class:`sp_server.fit.fit.TrainingSet`) whose pool contains the bounding
     coefficients at the pool indices ``bounding`` (see :func:`bounding_coefficients`), bounded by construction.
 
@@ -364,10 +380,26 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
     (model, report) of step 1 when the caller has made it already.  ``cuts``: rays that an earlier fit's check found
     failing (its bound report's ``details["cuts"]``), added to the probes from the start, so that a refit on a few
     more structures does not find the same holes again round after round; the bound report's ``details["cuts"]``
-    holds them and this fit's own, the newest ``max_cuts`` of them.  Units: eV, Angstrom."""
+    holds them and this fit's own, the newest ``max_cuts`` of them.  ``frozen``: a
+    :class:`sp_server.fit.bayes.FrozenPrior` (its terms, column scales and widths; no selection in step 1), whose
+    bounding columns must be ``bounding``.  Units: eV, Angstrom."""
     from .fit import fit_training_set
     probes = probes or settings.probes(atom_directions=13, seed=settings.seed + 1000)
     off = {int(j): 0.0 for j in bounding}
+    if frozen is not None:
+        tail = [int(j) for j in frozen.subset[frozen.n_chosen:]]
+        if sorted(tail) != sorted(int(j) for j in bounding):
+            raise ValueError(f"the frozen prior's bounding columns {tail[:5]}... are not the pool's bounding terms")
+        chosen = [int(j) for j in frozen.subset[:frozen.n_chosen]]
+        if not bounding:
+            model, rep = fit_training_set(ts, base, frozen=frozen, name=name, version=version, report=report)
+            check = check_bounded(model, settings)
+            log(f"boundedness (no bounding terms): {_summary(check)}")
+            return model, rep, check
+        free, rep = fit_training_set(ts, base, frozen=frozen, name=name, version=version, report=report)
+        rep.selected = chosen
+        return _constrained(ts, base, free, rep, chosen, [int(j) for j in frozen.subset], settings, probes,
+                            max_rounds, cuts, max_cuts, log)
     if fitted is None:
         model, rep = fit_training_set(ts, base, select=select, select_by=select_by, fixed=off, name=name,
                                       version=version, report=report)
@@ -380,6 +412,12 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
     chosen = [int(j) for j in rep.selected]
     subset = chosen + [int(j) for j in bounding if int(j) not in chosen]
     free, rep = fit_training_set(ts, base, subset=subset, name=name, version=version, report=copy.copy(rep))
+    return _constrained(ts, base, free, rep, chosen, subset, settings, probes, max_rounds, cuts, max_cuts, log)
+
+
+def _constrained(ts, base, free, rep, chosen, subset, settings, probes, max_rounds, cuts, max_cuts, log):
+    """Steps 3 and 4 of :func:`fit_bounded` from the unconstrained fit ``free`` of the columns ``subset`` (the
+    ``chosen`` ones first, then the bounding terms)."""
     mean = free.anharmonic.values.copy()
     cov = free.posterior.covariance
     posterior = _given_bounding(free.posterior, len(chosen))

@@ -244,7 +244,8 @@ def fit_model(structures: Iterable, base: Model, pool, *, select: Optional[int] 
 
 def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = None, subset=None,
                      fixed: Optional[dict] = None, name: Optional[str] = None, report: Optional[FitReport] = None,
-                     version: Optional[int] = None, select_by: str = "evidence") -> tuple[Model, FitReport]:
+                     version: Optional[int] = None, select_by: str = "evidence",
+                     frozen=None) -> tuple[Model, FitReport]:
     """Bayesian regression (evidence approximation) on the statistics of ``ts``; the model keeps the harmonic part
     and reference of ``base``.
 
@@ -255,7 +256,9 @@ def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = No
     fixed: {pool index: value} coefficients held at fixed values (eV per unit of the term, e.g. bounding terms):
         their contribution is taken out of the targets exactly (from the sufficient statistics), they are never
         selected, and a non-zero one is part of the model with zero posterior variance.  A value 0 just keeps the
-        column out of the fit."""
+        column out of the fit;
+    frozen: a :class:`sp_server.fit.bayes.FrozenPrior`: its columns (``subset``, if not given), column scales and
+        prior and noise widths instead of a selection and the evidence's; no fixed terms with it."""
     report = report or FitReport()
     scales = ts.scales
     if ts.n_structures == 0:
@@ -265,6 +268,14 @@ def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = No
     free = np.array([j for j in range(len(ts.pool)) if j not in fixed], dtype=int)
     stats = _reduced_stats(full, free, fixed)
     floor = ts.typical_scale()[free]
+    given = {}
+    if frozen is not None:
+        if fixed:
+            raise ValueError("a frozen prior fixes the columns: no fixed terms with it")
+        subset = frozen.subset if subset is None else subset
+        if [int(j) for j in subset] != [int(j) for j in frozen.subset]:
+            raise ValueError("the subset differs from the frozen prior's columns")
+        given = {"scale": frozen.feature_scale, "alpha": frozen.alpha, "beta": frozen.beta, "optimise": False}
     if subset is not None:
         position = {int(j): k for k, j in enumerate(free)}
         bad = [int(j) for j in subset if int(j) not in position]
@@ -281,7 +292,7 @@ def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = No
         report.evidence_path = evid
     else:
         local = np.arange(len(free))
-    ev, scale = fit_stats(stats, local, floor=floor)
+    ev, scale = fit_stats(stats, local, floor=floor, **given)
     w_phys = ev.mean / scale
     cov_phys = ev.covariance / np.outer(scale, scale)
     chosen = free[local]
@@ -301,7 +312,7 @@ def fit_training_set(ts: TrainingSet, base: Model, *, select: Optional[int] = No
         "n_structures": ts.n_structures, "n_rows": stats.n_rows, "pool_size": len(ts.pool),
         "selected": int(nz), "fixed": int(nh), "select_by": select_by if subset is None and select else None,
         "sigma_v": posterior.sigma_v, "sigma_w": posterior.sigma_w,
-        "log_evidence": ev.log_evidence, "gamma": ev.gamma, "converged": ev.converged,
+        "log_evidence": ev.log_evidence, "gamma": ev.gamma, "converged": ev.converged, "frozen_prior": frozen is not None,
         "skipped": [s[0] for s in report.skipped],
     })
     model = Model(base.reference, base.harmonic, AnharmonicPart(coefs, values), name=name or f"{base.name}-fit",

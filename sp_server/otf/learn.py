@@ -42,6 +42,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..fit.bayes import FrozenPrior
+from ..fit.bound import BoundSettings, escape_rays, hot_md
 from ..io.jsonfile import write_json
 from ..model.mapping import MappingError
 from ..model.native import load_model, save_model
@@ -74,6 +76,14 @@ class LearnSettings:
     accept_tolerance: float = 0.05       # a candidate may be this much worse (relative RMSE) and still be published
     validation_every: int = 8            # every n-th pulled frame is a validation frame (0: none)
     workers: Optional[int] = None        # labelling workers (None: the run's [label] workers)
+    freeze_prior: bool = True            # refits keep the terms, column scales and prior/noise widths of the model
+                                         # the session started from (learn_prior.h5): no frame's Bayesian error can
+                                         # grow from one version to the next (False: re-select and re-optimise)
+    gate_steps: int = 500                # production gate: fs of NPT MD of the candidate from each queue's latest
+                                         # frame (0: no gate)
+    gate_temperature: Optional[float] = None  # K (None: 1.5 x the highest temperature of the run's [loop])
+    gate_max_cells: int = 216            # the gate's MD runs on at most this many cells of the frame (a sub-cell
+                                         # around its most displaced atom)
 
 
 @dataclass
@@ -138,6 +148,9 @@ class Learner:
         if not (self.dir / "pool.h5").exists():   # a shipped run folder leaves the candidate pool out: rebuild it
             self.log("the candidate pool (pool.h5) is missing: generating it from the configuration's [terms]")
             self.otf.setup()
+        self.prior_path = self.dir / "learn_prior.h5"
+        if settings.freeze_prior and not self.prior_path.exists():   # the session's prior: the model it starts from
+            save_model(load_model(self.dir / "model.h5"), self.prior_path)
         if self.state.get("decided_n_train") is None:   # the current model's training frames are the baseline
             current = load_model(self.dir / "model.h5")
             n = (current.metadata.get("otf") or {}).get("n_train")
@@ -433,9 +446,24 @@ class Learner:
             decision, version, after, model = "kept (already published)", int(current.version), before, current
         else:
             version = self._version()
-            model, report, bounded = otf.fit_model(ts, harmonic, bounding, version, report)
+            frozen = self._frozen(ts)
+            model, report, bounded = otf.fit_model(ts, harmonic, bounding, version, report, frozen=frozen)
             after = otf.validation_rmse(model)
             decision = self._decide(bounded, before, after)
+            if decision == "published" and self.settings.gate_steps > 0:
+                ok, msg, escape = self.production_gate(model)
+                if not ok and escape is not None and bounded is not None:
+                    # its escape becomes constraints of the fit (kept with the run's cuts), and the gate runs again
+                    self.log(f"  production gate: {msg}; refitting with the escape as constraints")
+                    model, report, bounded = otf.fit_model(ts, harmonic, bounding, version, report, frozen=frozen,
+                                                           extra_cuts=escape_rays(escape))
+                    after = otf.validation_rmse(model)
+                    decision = self._decide(bounded, before, after)
+                    if decision == "published":
+                        ok, msg, escape = self.production_gate(model)
+                self.log(f"  production gate: {msg}")
+                if decision == "published" and not ok:
+                    decision = f"rejected (production gate: {msg})"
             if decision == "published":
                 model.metadata["otf"] = {"iteration": f"learn_c{self.state['cycle']:04d}", "n_train": ts.n_structures,
                                          "bounded": bounded}
@@ -459,6 +487,65 @@ class Learner:
         self.state["decided_n_train"] = self._labeled_train()
         self.state["refit_interrupted"] = False
         self._save_state()
+
+    def _frozen(self, ts) -> Optional[FrozenPrior]:
+        """The session's prior (learn_prior.h5) for the refit, or None (``freeze_prior`` off; a prior model without
+        posterior or with terms outside the pool, said in the log)."""
+        if not self.settings.freeze_prior:
+            return None
+        prior = load_model(self.prior_path)
+        try:
+            return FrozenPrior.of_model(prior, ts.pool)
+        except ValueError as exc:
+            self.log(f"  the session's prior cannot be frozen ({exc}): terms re-selected, widths re-optimised")
+            return None
+
+    def production_states(self, model) -> list:
+        """(name, Frame) per queue: its latest frame that the model maps and holds within the labelling range (the
+        state a production MD is in now), cut to ``gate_max_cells`` cells around its most displaced atom."""
+        far = float(self.otf.config.md.label_max_displacement)
+        mapper = Evaluator(model).mapper
+        out = []
+        for url in self.queues:
+            with connect(url) as db:
+                rows = list(db.select(FRAME_ROWS, sort="-id", limit=50))
+            for row in rows:
+                if str(row.get("reason", "")).startswith("untrusted") or \
+                        float(row.get("max_displacement", 0.0)) > far:
+                    continue
+                try:
+                    a = row.toatoms()
+                    frame = mapper.map(a.cell.array, a.positions, a.numbers)
+                except MappingError:
+                    continue
+                mesh = tuple(int(n) for n in frame.mesh)
+                if int(np.prod(mesh)) > self.settings.gate_max_cells:
+                    shape = carve_shape(1, mesh, int(self.settings.gate_max_cells))
+                    d = frame.u.reshape(-1, 3) - frame.u.reshape(-1, 3).mean(axis=0)
+                    carved = carve_frame(model, frame, shape, int(np.argmax((d ** 2).sum(axis=1))))
+                    frame = mapper.map(carved.atoms.cell.array, carved.atoms.positions, carved.atoms.numbers)
+                out.append((f"{redact(url)}#{row.id}", frame))
+                break
+        return out
+
+    def production_gate(self, model) -> tuple:
+        """(ok, message, escape): NPT MD of ``model`` (the boundedness check's soft Berendsen NPT, ``gate_steps``
+        steps of 1 fs at ``gate_temperature``) from each queue's current production state
+        (:meth:`production_states`); not ok when one leaves the trusted range (escape: its last frame inside, for
+        the constrained fit).  A published version of 2026-12-04 passed the boundedness check (6x6x6, 800 K, 1000
+        steps) and ran away 50 steps after a 10x10x10 NPT production run at 350 K reloaded it (docs/learn.md)."""
+        temperature = self.settings.gate_temperature or 1.5 * max(self.otf.config.loop.temperatures)
+        settings = BoundSettings(md_temperature=float(temperature), md_steps=int(self.settings.gate_steps),
+                                 md_cell=True, seed=int(self.state["cycle"]))
+        states = self.production_states(model)
+        if not states:
+            return True, "no production state in the queues yet: not run", None
+        for name, frame in states:
+            ok, msg, escape = hot_md(model, settings, start=frame, label=f"NPT MD from {name}")
+            if not ok:
+                return False, msg, escape
+        return True, f"{len(states)} production state(s) held {self.settings.gate_steps} fs at {temperature:g} K " \
+                     "(NPT)", None
 
     def _decide(self, bounded, before: dict, after: dict) -> str:
         if bounded is False:

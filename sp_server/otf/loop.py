@@ -491,15 +491,21 @@ class OnTheFly:
             ts.save(stats_path, ids=np.array(sorted(ids), dtype=int))
         return ts, report, harmonic, bounding, len(rows)
 
-    def fit_model(self, ts, harmonic, bounding, version: int, report) -> tuple:
+    def fit_model(self, ts, harmonic, bounding, version: int, report, frozen=None, extra_cuts=()) -> tuple:
         """(model, report, bounded): the fit of the statistics ``ts`` as model ``version`` (bounded under
         constraints with ``[fit] bound``, the probe rays found failing kept in bound_cuts.npz for the next fits;
-        bounded is None without ``bound``).  Nothing is published here."""
+        bounded is None without ``bound``).  Nothing is published here.  frozen: a
+        :class:`sp_server.fit.bayes.FrozenPrior` (terms, scales and widths held; sp_server.otf.learn);
+        extra_cuts: more rays for the constrained fit (kept with the others)."""
         cfg = self.config
         if not cfg.fit.bound:
-            model, report = fit_training_set(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
-                                             name="otf", report=report,
-                                             version=version, fixed={j: 0.0 for j in bounding})
+            if frozen is not None:
+                model, report = fit_training_set(ts, harmonic, frozen=frozen, name="otf", report=report,
+                                                 version=version)
+            else:
+                model, report = fit_training_set(ts, harmonic, select=cfg.terms.select,
+                                                 select_by=cfg.terms.select_by, name="otf", report=report,
+                                                 version=version, fixed={j: 0.0 for j in bounding})
             return model, report, None
         cuts_path = self.dir / "bound_cuts.npz"
         try:
@@ -507,8 +513,9 @@ class OnTheFly:
         except ValueError as exc:   # a damaged file only costs the rounds that find them again
             self.log(f"  {exc}; the constrained fit starts from its probes alone")
             cuts = []
+        cuts = list(cuts) + list(extra_cuts)
         model, report, bound = fit_bounded(ts, harmonic, select=cfg.terms.select, select_by=cfg.terms.select_by,
-                                           bounding=bounding, name="otf", cuts=cuts,
+                                           bounding=bounding, name="otf", cuts=cuts, frozen=frozen,
                                            version=version, report=report, log=lambda m: self.log(f"  {m}"),
                                            settings=self.bound_settings(harmonic))
         found = bound.details.get("cuts", [])

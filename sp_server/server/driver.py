@@ -5,9 +5,11 @@ One process holds K connections (threads), all sharing one model holder and one 
 its own Evaluator (work buffers are per connection).  A bad message or an unmappable frame closes that connection
 with a log line naming the frame and the problem; the others go on.  Frames are flagged when their Bayesian error
 exceeds the threshold and is a local maximum along that connection's trajectory (the paper's rule), or at once
-when they leave the trusted range (atoms far from their sites, energy far below the reference, non-finite); with
-an untrusted frame the frame where that excursion began is queued too (reason "entry of an excursion ..."): it is
-the one worth labelling.
+when they leave the trusted range (atoms far from their sites, a cell strained far from the reference, energy far
+below the reference, non-finite); with an untrusted frame the frame where that excursion began is queued too
+(reason "entry of an excursion ..."): it is the one worth labelling.  A hot-reloaded version is on probation: if a
+frame leaves the trusted range within its first ``probation_frames`` frames, the server goes back to the version
+before (ModelHolder).
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ log = logging.getLogger("sp_server.serve")
 class ServeSettings:
     threshold: Optional[ErrorThreshold] = None  # default: ErrorThreshold() when the model has a posterior
     max_displacement: float = 1.0       # A: beyond this an atom has left its site (trusted range)
+    max_strain: float = 0.10            # largest component of the cell's strain U - 1 from the reference (trusted
+                                        # range; BaTiO3's polar phases in CHGNet reach 0.07 along the T axis); a
+                                        # runaway of the cell is caught here, before the frame stops being mappable
     energy_floor: float = -1.0          # eV per reference cell below the reference energy: untrusted
     wait: float = 600.0                 # s to keep retrying the connection while the engine starts
     reload_interval: float = 1.0        # s between checks of the model file
@@ -53,8 +58,29 @@ class ServeSettings:
                                         # the energy + forces: docs/performance.md); the others get those of the
                                         # energy pass (energy_mev_per_cell, local_energy_max_mev: ~20%); 0: none;
                                         # flagging on a quantity a frame has; trusted-range checks on every frame
+    probation_frames: int = 2000        # after a hot reload, a frame outside the trusted range within this many
+                                        # frames (all connections) sends the server back to the version before
+                                        # (ModelHolder); 0: no probation
     committee_extras: bool = False      # add i-PI committee extras (committee_pot: committee_energies), so that
                                         # i-PI's <ffcommittee> with parse_json reads the Bayesian energy error
+
+
+def untrusted_reasons(res, reference, settings: ServeSettings) -> list:
+    """Why an evaluated frame (:class:`sp_server.potential.FrameResult`) is outside the trusted range of
+    ``settings`` (non-finite, an atom far from its site, a strained cell, an energy far below the reference);
+    empty when it is inside."""
+    reasons = []
+    if not (np.isfinite(res.energy) and np.all(np.isfinite(res.forces))):
+        reasons.append("non-finite energy or forces")
+    if res.frame.max_displacement > settings.max_displacement:
+        reasons.append(f"atom {res.frame.max_displacement:.2f} A from its site")
+    strain = float(np.abs(res.frame.stretch - np.eye(3)).max())
+    if strain > settings.max_strain:
+        reasons.append(f"cell strain {strain:.3f} from the reference")
+    ncell = len(res.forces) // reference.natoms
+    if (res.energy - ncell * reference.energy) / ncell < settings.energy_floor:
+        reasons.append(f"energy {(res.energy - ncell * reference.energy) / ncell:.3f} eV/cell below the reference")
+    return reasons
 
 
 def error_request(stride: int, index: int) -> dict:
@@ -88,9 +114,15 @@ class UntrustedFrame(RuntimeError):
 
 
 class ModelHolder:
-    """The current model, reloaded when its file is atomically replaced (checked at most every interval s)."""
+    """The current model, reloaded when its file is atomically replaced (checked at most every interval s).
 
-    def __init__(self, path, interval: float = 1.0):
+    Probation: for the first ``probation_frames`` frames after a reload, a frame that leaves the trusted range
+    (``report(generation, False)``) sends the holder back to the version before, which had served its own probation
+    (or was the first); that file's contents are not loaded again, the next publication is.  A published version
+    of 2026-12-04 took a 10x10x10 NPT production run out of the trusted range 50 steps after it was loaded, and the
+    run was lost (docs/learn.md)."""
+
+    def __init__(self, path, interval: float = 1.0, probation_frames: int = 0):
         self.path = Path(path)
         self.interval = interval
         self.lock = threading.Lock()
@@ -98,6 +130,33 @@ class ModelHolder:
         self._stamp = self._stat()
         self._checked = time.monotonic()
         self.generation = 0
+        self.probation_frames = int(probation_frames)
+        self.probation = 0            # frames the current version still has to hold in the trusted range
+        self.proven = self.model      # the last version that held its probation (or the first)
+        self.reverted: list = []      # (version rejected, version back to, reason)
+
+    def report(self, generation: int, trusted: bool, why: str = "") -> Optional[int]:
+        """After each frame evaluated with ``generation``: counts the probation down, or, for a frame outside the
+        trusted range during it, goes back to the proven version; returns that version's generation, else None."""
+        with self.lock:
+            if generation != self.generation or self.probation <= 0:
+                return None
+            if trusted:
+                self.probation -= 1
+                if self.probation == 0:
+                    self.proven = self.model
+                    log.info("model version %s held its probation (%d frames)", self.model.version,
+                             self.probation_frames)
+                return None
+            bad = self.model
+            self.reverted.append((bad.version, self.proven.version, why))
+            log.warning("model version %s left the trusted range %d frames after it was loaded (%s): back to "
+                        "version %s; the file is loaded again when it changes", bad.version,
+                        self.probation_frames - self.probation, why, self.proven.version)
+            self.model = self.proven
+            self.probation = 0
+            self.generation += 1
+            return self.generation
 
     def _stat(self):
         st = os.stat(self.path)
@@ -120,9 +179,14 @@ class ModelHolder:
                         log.error("model file changed but cannot be read (%s); keeping version %s", exc,
                                   self.model.version)
                     else:
-                        log.info("hot reload: model %s version %s -> %s", self.path, self.model.version, new.version)
+                        log.info("hot reload: model %s version %s -> %s%s", self.path, self.model.version,
+                                 new.version, f" (on probation for {self.probation_frames} frames)"
+                                 if self.probation_frames else "")
+                        if self.probation <= 0:
+                            self.proven = self.model
                         self.model = new
                         self.generation += 1
+                        self.probation = self.probation_frames
                     self._stamp = stamp
             return self.generation, self.model
 
@@ -191,7 +255,7 @@ class _Trajectory:
 class ForceServer:
     def __init__(self, model_path, address, port: Optional[int] = None, unix: bool = False,
                  connections: int = 1, queue: Optional[str] = None, settings: ServeSettings = ServeSettings()):
-        self.holder = ModelHolder(model_path, settings.reload_interval)
+        self.holder = ModelHolder(model_path, settings.reload_interval, settings.probation_frames)
         # one or several engines (e.g. two i-PI instances): each address gets `connections` connections
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.port, self.unix = port, unix
@@ -312,7 +376,18 @@ class ForceServer:
                             log.info("connection %d: frame %d evaluated with model version %s", k, frame,
                                      model.version)
                         generation, evaluator = gen, Evaluator(model)
-                    answer, err_s = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj, trace)
+                    answer, err_s, bad = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj, trace)
+                    if self.holder.report(generation, not bad, "; ".join(bad)) is not None:
+                        # the new version failed its probation: this frame and the next get the proven version's
+                        # forces (this frame was queued above)
+                        generation, model = self.holder.poll()
+                        evaluator = Evaluator(model)
+                        log.warning("connection %d, frame %d: evaluated again with model version %s", k, frame,
+                                    model.version)
+                        answer, err_s, bad = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj,
+                                                            None, flag=False)
+                    if bad and self.settings.stop_untrusted:
+                        raise UntrustedFrame("; ".join(bad))
                     if frame > 0:  # the first frame includes set-up (Ewald sums, compilation)
                         t_eval += time.perf_counter() - t0
                         if err_s is not None:
@@ -384,7 +459,9 @@ class ForceServer:
         fh.write("frame,bead,model_version,energy_ev," + ",".join(f"err_{q}" for q in ERROR_KEYS) + ",untrusted\n")
         return fh
 
-    def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj, trace=None):
+    def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj, trace=None, flag: bool = True):
+        """(answer for GETFORCE, seconds spent on Bayesian errors or None, reasons the frame is outside the trusted
+        range); queues the frame when it is flagged (with ``flag``)."""
         ref = model.reference
         # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
         # then cached), and take the species of their sites
@@ -392,13 +469,7 @@ class ForceServer:
         numbers = np.empty(len(pos), dtype=int)
         numbers[res.frame.order] = np.tile(ref.numbers, len(pos) // ref.natoms)
         ncell = len(pos) // ref.natoms
-        reasons = []
-        if not (np.isfinite(res.energy) and np.all(np.isfinite(res.forces))):
-            reasons.append("non-finite energy or forces")
-        if res.frame.max_displacement > self.settings.max_displacement:
-            reasons.append(f"atom {res.frame.max_displacement:.2f} A from its site")
-        if (res.energy - ncell * ref.energy) / ncell < self.settings.energy_floor:
-            reasons.append(f"energy {(res.energy - ncell * ref.energy) / ncell:.3f} eV/cell below the reference")
+        reasons = untrusted_reasons(res, ref, self.settings)
         errors = res.errors or {}
         extra = {"model": model.name, "model_version": model.version, "frame": frame, "bead": bead}
         if errors:
@@ -409,7 +480,7 @@ class ForceServer:
         record = {"cell": cell, "positions": pos, "numbers": numbers, "frame": frame, "bead": bead,
                   "connection": k, "model_version": model.version, "errors": errors,
                   "energy_ev": float(res.energy), "max_displacement": float(res.frame.max_displacement)}
-        if self.queue is not None:
+        if self.queue is not None and flag:
             if reasons:
                 for n, entry in enumerate(traj.entry(self.settings.excursion_frames)):
                     where = "entry" if n == 0 else "along"
@@ -430,9 +501,7 @@ class ForceServer:
                         + f",{int(bool(reasons))}\n")
         if reasons:
             log.warning("connection %d, frame %d: %s", k, frame, "; ".join(reasons))
-            if self.settings.stop_untrusted:
-                raise UntrustedFrame("; ".join(reasons))
         stress = symmetric_from_voigt(res.stress)
         return ((res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)),
-                res.error_seconds if res.errors is not None else None)
+                res.error_seconds if res.errors is not None else None, reasons)
 

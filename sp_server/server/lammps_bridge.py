@@ -26,7 +26,7 @@ from ase.data import atomic_masses
 
 from ..model.posterior import ErrorThreshold
 from ..potential import Evaluator
-from .driver import ModelHolder, _Trajectory, error_request
+from .driver import ModelHolder, ServeSettings, _Trajectory, error_request, untrusted_reasons
 from .queue import FlagQueue
 
 log = logging.getLogger("sp_server.lammps")
@@ -64,8 +64,8 @@ def _deck_commands(path: Path):
 
 class LammpsBridge:
     def __init__(self, model_path, *, queue: Optional[str] = None, threshold: Optional[ErrorThreshold] = None,
-                 max_displacement: float = 1.0, error_stride: int = 1):
-        self.holder = ModelHolder(model_path)
+                 max_displacement: float = 1.0, error_stride: int = 1, probation_frames: int = 2000):
+        self.holder = ModelHolder(model_path, probation_frames=probation_frames)
         self.model = self.holder.model
         self.evaluator = Evaluator(self.model)
         self._generation = self.holder.generation
@@ -75,7 +75,7 @@ class LammpsBridge:
         if threshold is None and self.model.posterior is not None:
             threshold = ErrorThreshold()
         self.traj = _Trajectory(threshold) if self.queue is not None else None
-        self.max_displacement = max_displacement
+        self.trust = ServeSettings(max_displacement=max_displacement)   # the server's trusted range
         self.error_stride = int(error_stride)   # with a queue: all errors every n-th call, the energy pass's on others
         self.numbers = None
         self.lmp = None
@@ -111,8 +111,16 @@ class LammpsBridge:
         generation, model = self.holder.poll()   # hot reload between two steps: LAMMPS keeps its state
         if generation != self._generation:
             self._generation, self.model, self.evaluator = generation, model, Evaluator(model)
-        res = self.evaluator.evaluate(cell, pos, self.numbers,
-                                      **error_request(self.error_stride if self.queue is not None else 0, self.frames))
+        request = error_request(self.error_stride if self.queue is not None else 0, self.frames)
+        res = self.evaluator.evaluate(cell, pos, self.numbers, **request)
+        reasons = untrusted_reasons(res, model.reference, self.trust)
+        if self.queue is not None:
+            self._flag(ntimestep, cell, pos, res, reasons)
+        if self.holder.report(generation, not reasons, "; ".join(reasons)) is not None:
+            # the reloaded version failed its probation: LAMMPS gets the proven version's forces from this step on
+            self._generation, self.model = self.holder.poll()
+            self.evaluator = Evaluator(self.model)
+            res = self.evaluator.evaluate(cell, pos, self.numbers, **request)
         forces = np.empty_like(res.forces)
         forces[order] = res.forces
         f[:] = forces
@@ -120,19 +128,17 @@ class LammpsBridge:
         vol = abs(np.linalg.det(cell))
         self.lmp.fix_external_set_energy_global(self.fix_id, float(res.energy))
         self.lmp.fix_external_set_virial_global(self.fix_id, list(-vol * sigma[[0, 1, 2, 5, 4, 3]]))
-        if self.queue is not None:
-            self._flag(ntimestep, cell, pos, res)
         if self.frames > 0:  # the first call includes set-up
             self.t_eval += time.perf_counter() - t0
             self.t_errors += res.error_seconds
         self.frames += 1
 
-    def _flag(self, step, cell, pos, res):
+    def _flag(self, step, cell, pos, res, reasons):
         record = {"cell": cell, "positions": pos, "numbers": self.numbers, "frame": int(step), "bead": 0,
                   "connection": 0, "model_version": self.model.version, "errors": res.errors or {},
-                  "energy_ev": float(res.energy)}
-        if res.frame.max_displacement > self.max_displacement or not np.isfinite(res.energy):
-            self.queue.put(dict(record, reason=f"untrusted: atom {res.frame.max_displacement:.2f} A from its site"))
+                  "energy_ev": float(res.energy), "max_displacement": float(res.frame.max_displacement)}
+        if reasons:
+            self.queue.put(dict(record, reason="untrusted: " + "; ".join(reasons)))
         elif self.traj.threshold is not None and res.errors and self.traj.threshold.quantity in res.errors:
             out = self.traj.push(res.errors[self.traj.threshold.quantity],
                                  dict(record, reason=f"local maximum of {self.traj.threshold}"))

@@ -340,3 +340,28 @@ def test_top_order_positive_by_form_in_the_bounded_fit(teacher, base):
     model, _, check = fit_bounded(ts, base, bounding=idx, settings=settings, log=messages.append)
     assert "top order positive by form: 1 coefficients kept >= 0" in messages
     assert check.bounded and model.anharmonic.values[0] >= -1e-9, messages
+
+
+def test_a_frozen_prior_only_narrows_the_posterior_as_rows_are_added():
+    """With alpha and beta held (optimise=False) the posterior covariance of a first batch minus that of the first
+    two batches is positive semi-definite, and the widths are the given ones; optimised by the evidence on the
+    same data, the prior width moves."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=12) * np.geomspace(1, 1e-3, 12)
+
+    def batch(n):
+        X = rng.normal(size=(n, 12))
+        return X, X @ w + 0.05 * rng.normal(size=n)
+
+    X1, y1 = batch(30)
+    X2, y2 = batch(10)
+    first = evidence_fit(X1.T @ X1, X1.T @ y1, y1 @ y1, len(y1))
+    X, y = np.vstack([X1, X2]), np.concatenate([y1, y2])
+    held = evidence_fit(X.T @ X, X.T @ y, y @ y, len(y), alpha=first.alpha, beta=first.beta, optimise=False)
+    assert (held.alpha, held.beta, held.iterations) == (first.alpha, first.beta, 0)
+    assert np.linalg.eigvalsh(first.covariance - held.covariance).min() > -1e-12
+    probes = rng.normal(size=(200, 12))
+    var = lambda c: np.einsum("ij,jk,ik->i", probes, c, probes)   # noqa: E731
+    assert np.all(var(held.covariance) <= var(first.covariance) * (1 + 1e-12))
+    moved = evidence_fit(X.T @ X, X.T @ y, y @ y, len(y))
+    assert moved.alpha != first.alpha

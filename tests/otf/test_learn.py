@@ -448,3 +448,92 @@ def test_a_lammps_deck_feeds_the_queue_and_reloads_the_published_model(tmp_path,
         assert db.count(state="pending") == 0
     history = json.loads((run / "learn_state.json").read_text())["history"]
     assert history[0]["md_ps"] == pytest.approx(0.061)            # 61 steps of 1 fs (the deck's timestep 0.001 ps)
+
+
+def _errors(model, frames) -> np.ndarray:
+    ev = Evaluator(model)
+    out = []
+    for a in frames:
+        e = ev.evaluate(a.cell.array, a.positions, a.numbers, errors=True, local_errors=True).errors
+        out.append([e["energy_mev_per_cell"], e["force_max"], e["stress_max_gpa"], e["local_energy_max_mev"]])
+    return np.array(out)
+
+
+@pytest.mark.timeout(300)
+def test_refits_of_a_session_keep_the_prior_so_that_no_error_grows(tmp_path, run_template):
+    """Two refits of one learning session (three versions): the terms, column scales and widths stay those of the
+    model the session started from, and no Bayesian error of any probe frame grows from one version to the next;
+    --refit-prior re-optimises the widths (they move)."""
+    run = copy_run(run_template, tmp_path)
+    model = load_model(run / "model.h5")
+    url = tmp_path / "q.db"
+    queued(model, url, 8, seed=11)
+    probes = [thermal(model, (2, 2, 2), seed=s, amp=a) for s, a in zip(range(6), (0.03, 0.05, 0.08, 0.1, 0.12, 0.15))]
+    lines = []
+    learner = Learner(run, [url], LearnSettings(batch=4, min_labels=4, validation_every=0, accept_tolerance=10.0),
+                      log=lines.append)
+    versions = [model]
+    for _ in range(2):
+        result = learner.cycle()
+        assert result.published is not None, lines
+        versions.append(load_model(run / "model.h5"))
+    assert (run / "learn_prior.h5").exists()
+    errors = [_errors(m, probes) for m in versions]
+    for before, after in zip(errors, errors[1:]):
+        assert np.all(after <= before * (1 + 1e-7) + 1e-12), (before, after)
+    assert np.any(errors[-1] < 0.99 * errors[0])      # and they do shrink
+    for m in versions[1:]:
+        assert m.posterior.sigma_w == versions[0].posterior.sigma_w
+        assert m.posterior.sigma_v == versions[0].posterior.sigma_v
+        assert m.anharmonic.coefficients == versions[0].anharmonic.coefficients
+        assert np.array_equal(m.posterior.feature_scale, versions[0].posterior.feature_scale)
+        assert m.metadata["fit"]["frozen_prior"]
+    assert any("production gate: 1 production state(s) held 500 fs" in ln for ln in lines), lines
+    # the same labels refitted with the widths re-optimised: they move
+    free = Learner(copy_run(run_template, tmp_path / "free"), [url], LearnSettings(freeze_prior=False),
+                   log=lambda m: None)
+    ts, _, harmonic, bounding, _ = free.otf.training_statistics()
+    ts2, _, _, _, _ = learner.otf.training_statistics()
+    refit, _, _ = learner.otf.fit_model(ts2, harmonic, bounding, 99, None)
+    assert refit.posterior.sigma_w != versions[0].posterior.sigma_w
+
+
+@pytest.mark.timeout(300)
+def test_the_production_gate_rejects_a_candidate_that_runs_away_from_the_production_state(tmp_path, run_template,
+                                                                                        monkeypatch):
+    """A candidate that is bounded by the check's standards but runs away in NPT MD from the queue's latest frame is
+    not published: the gate refits once with the escape as constraints, and rejects what still runs away."""
+    from sp_server.model import AnharmonicPart, Model
+    run = copy_run(run_template, tmp_path)
+    model = load_model(run / "model.h5")
+    url = tmp_path / "q.db"
+    queued(model, url, 4, mesh=(4, 4, 4), seed=2)
+    learner = Learner(run, [url], LearnSettings(min_labels=1, validation_every=0, accept_tolerance=1e9,
+                                                gate_max_cells=27), log=lambda m: None)
+    with ase.db.connect(str(url)) as db:
+        last = max(r.id for r in db.select("state!=progress"))
+    states = learner.production_states(model)
+    assert len(states) == 1 and tuple(states[0][1].mesh) == (3, 3, 3) and states[0][0].endswith(f"#{last}")
+    ok, msg, escape = learner.production_gate(model)
+    assert ok and escape is None, msg
+    # the anharmonic part turned upside down: an unbounded candidate
+    bad = Model(model.reference, model.harmonic, AnharmonicPart(model.anharmonic.coefficients,
+                                                                -20 * model.anharmonic.values),
+                name=model.name, version=model.version + 1, metadata=dict(model.metadata),
+                posterior=model.posterior)
+    ok, msg, escape = learner.production_gate(bad)
+    assert not ok and escape is not None and msg.startswith(f"NPT MD from {url}#{last}"), msg
+    calls = []
+
+    def fit_model(ts, harmonic, bounding, version, report, frozen=None, extra_cuts=()):
+        calls.append(len(extra_cuts))
+        return bad, report, True
+    monkeypatch.setattr(learner.otf, "fit_model", fit_model)
+    lines = []
+    learner._print = lines.append
+    result = learner.cycle()
+    assert result.refit and result.published is None
+    assert len(calls) == 2 and calls[0] == 0 and calls[1] > 0, lines    # the second fit had the escape's rays as constraints
+    assert load_model(run / "model.h5").version == model.version
+    decision = json.loads((run / "learn_state.json").read_text())["history"][-1]["decision"]
+    assert decision.startswith("rejected (production gate: NPT MD from"), decision

@@ -1,4 +1,5 @@
 """`sp-server serve` against real engines: ASE's SocketIOCalculator (an i-PI protocol server)."""
+import dataclasses
 import os
 import socket
 import subprocess
@@ -183,6 +184,61 @@ def test_hot_reload_between_frames(tmp_path, toy, name):
     assert later[-1][0] == pytest.approx(a.get_potential_energy(), rel=1e-12)
 
 
+@pytest.mark.timeout(120)
+def test_a_reloaded_version_that_leaves_the_trusted_range_on_probation_is_sent_back(tmp_path, toy, name):
+    """Reloaded v+1 meets a frame with an atom 1.6 A from its site within its probation: the server goes back to v,
+    gives that frame v's forces, keeps v although the file still holds v+1, and loads v+2 when it is published; a
+    version past its probation (here 3 frames) stays, and --probation 0 never goes back."""
+    from sp_server.model import AnharmonicPart, Model
+
+    def version(v, factor):
+        return Model(toy.reference, toy.harmonic, AnharmonicPart(toy.anharmonic.coefficients,
+                                                                 factor * toy.anharmonic.values),
+                     name=toy.name, version=v)
+    frames = trajectory(toy, [0.05] * 12)
+    far = frames[0].copy()
+    far.positions[3] += [1.6, 0.0, 0.0]
+    a = far.copy()
+    a.calc = SecondPrinciplesCalculator(toy)
+    e_far = a.get_potential_energy()
+
+    def run(probation):
+        path = save_model(toy, tmp_path / f"m{probation}.h5")
+        queue = tmp_path / f"q{probation}.db"
+        engine = FakeEngine(name)
+        proc = serve(path, name, "--probation", probation, "--queue", queue)
+        try:
+            drv = engine.accept()
+            out = [drv.frame(f) for f in frames[:2]]
+            save_model(version(toy.version + 1, 2.0), path)
+            time.sleep(1.2)
+            out += [drv.frame(frames[2]), drv.frame(far), drv.frame(frames[3])]
+            time.sleep(1.2)   # the file has not changed: no reload of the sent-back version
+            out += [drv.frame(frames[4])]
+            save_model(version(toy.version + 2, 3.0), path)
+            time.sleep(1.2)
+            out += [drv.frame(f) for f in frames[5:10]] + [drv.frame(far), drv.frame(frames[10])]
+            drv.exit()
+            log, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            engine.close()
+        return [r[3]["model_version"] for r in out], out, log, queue
+
+    v = toy.version
+    versions, out, log, queue = run(3)
+    assert versions == [v, v, v + 1, v, v, v] + [v + 2] * 7, log
+    assert out[3][0] == pytest.approx(e_far, rel=1e-12)   # the frame that failed v+1 got v's energy
+    assert f"model version {v + 1} left the trusted range" in log and f"back to version {v}" in log
+    assert f"model version {v + 2} held its probation" in log
+    with ase.db.connect(queue) as db:   # the frame was queued once (as untrusted), by v+1
+        bad = [r for r in db.select(FRAME_ROWS) if r.reason.startswith("untrusted")]
+        assert [(r.frame, r.model_version) for r in bad] == [(3, v + 1), (11, v + 2)]
+    versions, _, log, _ = run(0)
+    assert versions == [v, v] + [v + 1] * 4 + [v + 2] * 7, log
+    assert "left the trusted range" not in log
+
+
 @pytest.mark.parametrize("breakage,message", [
     ("header", "unknown message 'GARBAGE!'"),
     ("natoms", "is not a multiple of the reference cell"),
@@ -284,3 +340,36 @@ def test_queue_in_postgresql(tmp_path, toy, name, request):
     with ase.db.connect(url) as db:
         rows = list(db.select(FRAME_ROWS))
     assert len(rows) == 1 and rows[0].state == "untrusted" and rows[0].reason.startswith("untrusted") and len(rows[0].toatoms()) == 40
+
+
+def test_model_holder_probation_goes_back_to_the_last_version_that_held_its_own(tmp_path, toy):
+    """v -> v+1 (on probation) -> v+2 published before v+1 held its probation: a failure of v+2 goes back to v,
+    the last version that held one; frames of an older generation do not count; after a full probation the new
+    version is the one to go back to."""
+    from sp_server.server.driver import ModelHolder
+    path = save_model(toy, tmp_path / "m.h5")
+    holder = ModelHolder(path, interval=0.0, probation_frames=3)
+
+    def publish(v):
+        save_model(dataclasses.replace(toy, version=v), path)
+        return holder.poll()
+
+    v = toy.version
+    g1, m1 = publish(v + 1)
+    assert m1.version == v + 1 and holder.probation == 3
+    assert holder.report(g1, True) is None and holder.probation == 2
+    g2, m2 = publish(v + 2)
+    assert m2.version == v + 2 and holder.probation == 3
+    assert holder.report(g1, False, "old generation") is None      # a frame of v+1, evaluated before the reload
+    back = holder.report(g2, False, "atom 1.60 A from its site")
+    assert back == g2 + 1
+    gen, model = holder.poll()
+    assert (gen, model.version) == (back, v) and holder.reverted == [(v + 2, v, "atom 1.60 A from its site")]
+    assert holder.poll()[1].version == v                             # the same file is not loaded again
+    g3, m3 = publish(v + 3)
+    for _ in range(3):
+        assert holder.report(g3, True) is None
+    assert holder.proven.version == v + 3 and holder.probation == 0
+    assert holder.report(g3, False, "after the probation") is None and holder.poll()[1].version == v + 3
+    g4, _ = publish(v + 4)
+    assert holder.report(g4, False, "x") is not None and holder.poll()[1].version == v + 3
