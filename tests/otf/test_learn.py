@@ -15,6 +15,7 @@ import ase.db
 import numpy as np
 import pytest
 
+from sp_server.fit.fit import fit_training_set
 from sp_server.model.native import load_model
 from sp_server.otf.carve import Patterns, carve, carve_frame, carve_shape, exact_shape, interaction_reach
 from sp_server.otf.config import OtfConfig
@@ -489,12 +490,12 @@ def test_refits_of_a_session_keep_the_prior_so_that_no_error_grows(tmp_path, run
         assert np.array_equal(m.posterior.feature_scale, versions[0].posterior.feature_scale)
         assert m.metadata["fit"]["frozen_prior"]
     assert any("production gate: 1 production state(s) held 500 fs" in ln for ln in lines), lines
-    # the same labels refitted with the widths re-optimised: they move
+    # --refit-prior: no frozen prior, and the same labels refitted by the evidence move the widths
     free = Learner(copy_run(run_template, tmp_path / "free"), [url], LearnSettings(freeze_prior=False),
                    log=lambda m: None)
-    ts, _, harmonic, bounding, _ = free.otf.training_statistics()
-    ts2, _, _, _, _ = learner.otf.training_statistics()
-    refit, _, _ = learner.otf.fit_model(ts2, harmonic, bounding, 99, None)
+    ts, _, harmonic, _, _ = learner.otf.training_statistics()
+    assert free._frozen(ts) is None and learner._frozen(ts) is not None
+    refit, _ = fit_training_set(ts, harmonic, subset=learner._frozen(ts).subset)
     assert refit.posterior.sigma_w != versions[0].posterior.sigma_w
 
 
