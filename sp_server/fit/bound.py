@@ -111,7 +111,7 @@ def check_bounded(model: Model, settings: BoundSettings = BoundSettings()) -> Bo
         by_kind[ray.kind] = by_kind.get(ray.kind, 0) + 1
         if len(examples) < 3:
             examples.append(f"relaxation from {ray.info}")
-    md_ok, md_msg, escape = _hot_md(model, settings)
+    md_ok, md_msg, escape = hot_md(model, settings)
     return BoundReport(not failing and md_ok, float(worst), len(failing), md_ok, md_msg,
                        {"n_rays": len(rays), "failing": failing, "by_kind": by_kind, "escape": escape,
                         "examples": examples})
@@ -180,10 +180,6 @@ def relaxation_probes(model: Model, settings: BoundSettings) -> list:
                            [(0, max(0.5 * floor, 0.5 * e_harm))],
                            info=f"{name}: {e / ncell:.3g} eV per cell, below the floor {settings.energy_floor:g}"))
     return out
-
-
-def _hot_md(model: Model, settings: BoundSettings):
-    return hot_md(model, settings)
 
 
 def hot_md(model: Model, settings: BoundSettings, start=None, label: str = "hot MD"):
@@ -390,17 +386,9 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
         tail = [int(j) for j in frozen.subset[frozen.n_chosen:]]
         if sorted(tail) != sorted(int(j) for j in bounding):
             raise ValueError(f"the frozen prior's bounding columns {tail[:5]}... are not the pool's bounding terms")
-        chosen = [int(j) for j in frozen.subset[:frozen.n_chosen]]
-        if not bounding:
-            model, rep = fit_training_set(ts, base, frozen=frozen, name=name, version=version, report=report)
-            check = check_bounded(model, settings)
-            log(f"boundedness (no bounding terms): {_summary(check)}")
-            return model, rep, check
-        free, rep = fit_training_set(ts, base, frozen=frozen, name=name, version=version, report=report)
-        rep.selected = chosen
-        return _constrained(ts, base, free, rep, chosen, [int(j) for j in frozen.subset], settings, probes,
-                            max_rounds, cuts, max_cuts, log)
-    if fitted is None:
+        model, rep = fit_training_set(ts, base, frozen=frozen, name=name, version=version, report=report)
+        rep.selected = [int(j) for j in frozen.subset[:frozen.n_chosen]]   # the bounding columns come after them
+    elif fitted is None:
         model, rep = fit_training_set(ts, base, select=select, select_by=select_by, fixed=off, name=name,
                                       version=version, report=report)
     else:
@@ -410,14 +398,11 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
         log(f"boundedness (no bounding terms): {_summary(check)}")
         return model, rep, check
     chosen = [int(j) for j in rep.selected]
-    subset = chosen + [int(j) for j in bounding if int(j) not in chosen]
-    free, rep = fit_training_set(ts, base, subset=subset, name=name, version=version, report=copy.copy(rep))
-    return _constrained(ts, base, free, rep, chosen, subset, settings, probes, max_rounds, cuts, max_cuts, log)
-
-
-def _constrained(ts, base, free, rep, chosen, subset, settings, probes, max_rounds, cuts, max_cuts, log):
-    """Steps 3 and 4 of :func:`fit_bounded` from the unconstrained fit ``free`` of the columns ``subset`` (the
-    ``chosen`` ones first, then the bounding terms)."""
+    if frozen is not None:   # its columns hold the bounding terms already: that fit is step 2's
+        free, subset = model, [int(j) for j in frozen.subset]
+    else:
+        subset = chosen + [int(j) for j in bounding if int(j) not in chosen]
+        free, rep = fit_training_set(ts, base, subset=subset, name=name, version=version, report=copy.copy(rep))
     mean = free.anharmonic.values.copy()
     cov = free.posterior.covariance
     posterior = _given_bounding(free.posterior, len(chosen))

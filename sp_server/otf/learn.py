@@ -45,7 +45,7 @@ import numpy as np
 from ..fit.bayes import FrozenPrior
 from ..fit.bound import BoundSettings, escape_rays, hot_md
 from ..io.jsonfile import write_json
-from ..model.mapping import MappingError
+from ..model.mapping import FrameMapper, MappingError
 from ..model.native import load_model, save_model
 from ..potential import Evaluator
 from ..server.queue import FRAME_ROWS
@@ -504,7 +504,7 @@ class Learner:
         """(name, Frame) per queue: its latest frame that the model maps and holds within the labelling range (the
         state a production MD is in now), cut to ``gate_max_cells`` cells around its most displaced atom."""
         far = float(self.otf.config.md.label_max_displacement)
-        mapper = Evaluator(model).mapper
+        mapper = FrameMapper(model.reference)   # what an Evaluator maps with, without compiling the model's terms
         out = []
         for url in self.queues:
             with connect(url) as db:

@@ -30,7 +30,7 @@ def test_unbounded_model_is_detected_and_bounded(toy):
 def test_hot_md_moves_the_cell_and_catches_a_strain_runaway(toy):
     """A hole that only the cell can reach (-c (eta_1^3 + eta_2^3 + eta_3^3): nothing at fixed cell, the cell
     stretches without end under NPT) is invisible to a fixed-cell MD and caught by the NPT one."""
-    from sp_server.fit.bound import _hot_md
+    from sp_server.fit.bound import hot_md
     from sp_server.model.symmetry import space_group_operations, symmetrize
     from sp_server.model.terms import StrainFactor, Term
     coef = symmetrize(Term(1.0, (), (StrainFactor(1, 3),)), space_group_operations(toy.reference), name="eta^3")
@@ -39,13 +39,13 @@ def test_hot_md_moves_the_cell_and_catches_a_strain_runaway(toy):
                 AnharmonicPart(list(toy.anharmonic.coefficients) + [coef],
                                list(toy.anharmonic.values) + [-10000.0 * c]), name="strain runaway")
     settings = BoundSettings(md_steps=300, md_temperature=600.0, md_mesh=(2, 2, 2), md_cell=True)
-    ok, msg, _ = _hot_md(bad, BoundSettings(**{**settings.__dict__, "md_cell": False}))
+    ok, msg, _ = hot_md(bad, BoundSettings(**{**settings.__dict__, "md_cell": False}))
     assert ok, msg
-    ok, msg, escape = _hot_md(bad, settings)
+    ok, msg, escape = hot_md(bad, settings)
     assert not ok, msg              # left the trusted range ("max strain") or the cell fell apart in one step
     assert escape is not None and np.abs(escape[2]).max() > 0.02
     # the toy model itself stays inside the trusted range with the cell moving
-    ok, msg, _ = _hot_md(toy, settings)
+    ok, msg, _ = hot_md(toy, settings)
     assert ok and "NPT" in msg, msg
 
 
