@@ -373,3 +373,18 @@ def test_model_holder_probation_goes_back_to_the_last_version_that_held_its_own(
     assert holder.report(g3, False, "after the probation") is None and holder.poll()[1].version == v + 3
     g4, _ = publish(v + 4)
     assert holder.report(g4, False, "x") is not None and holder.poll()[1].version == v + 3
+
+
+def test_a_strained_cell_leaves_the_trusted_range(toy):
+    """The trusted range includes the cell's strain (ServeSettings.max_strain, the boundedness check's 0.15): a
+    cell stretched 12% along one axis is inside, 16% is outside, and the reason names the strain."""
+    from sp_server.potential import Evaluator
+    from sp_server.server.driver import ServeSettings, untrusted_reasons
+    ev = Evaluator(toy)
+
+    def reasons(stretch):
+        a = toy.supercell((2, 2, 2))
+        a.set_cell(a.cell.array @ np.diag([1.0 + stretch, 1.0, 1.0]), scale_atoms=True)
+        return untrusted_reasons(ev.evaluate(a.cell.array, a.positions, a.numbers), toy.reference, ServeSettings())
+    assert reasons(0.12) == []
+    assert reasons(0.16) == ["cell strain 0.160 from the reference"]
