@@ -300,7 +300,8 @@ def _cmd_learn(args):
                              accept_tolerance=args.accept_tolerance,
                              validation_every=args.validation_every, workers=args.workers,
                              freeze_prior=not args.refit_prior, gate_steps=args.gate_steps,
-                             gate_temperature=args.gate_temperature)
+                             gate_temperature=args.gate_temperature, escape_labels=args.escape_labels,
+                             kept_cuts=args.kept_cuts)
     learner = Learner(args.run_dir, args.queue, settings, config=args.config, progress=not args.no_progress)
     try:
         cycles = learner.run(max_cycles=args.max_cycles, idle_exit_s=args.idle_exit)
@@ -501,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "frame stays in the trusted range for this many fs (default 500; 0: no gate)")
     ln.add_argument("--gate-temperature", type=float, metavar="K",
                     help="the gate's temperature (default 1.5 x the highest temperature of the run's [loop])")
+    ln.add_argument("--escape-labels", type=int, default=8, metavar="N",
+                    help="per refit, label at most N states on the way out of the hot MDs that left the trusted "
+                         "range (the boundedness check's, the gate's) as training frames (default 8; 0: none)")
+    ln.add_argument("--kept-cuts", action="store_true",
+                    help="start each refit's constrained fit from the run's kept constraints (bound_cuts.npz) too "
+                         "(default: from its probes alone, so that a hole the check finds again is labelled)")
     ln.add_argument("--max-cycles", type=int, help="stop after this many cycles (default: run until SIGTERM)")
     ln.add_argument("--idle-exit", type=float, metavar="S",
                     help="stop after S seconds without a new frame or label (e.g. when the production runs ended)")

@@ -117,6 +117,20 @@ def check_bounded(model: Model, settings: BoundSettings = BoundSettings()) -> Bo
                         "examples": examples})
 
 
+@dataclass
+class Escape:
+    """Where a hot MD left the trusted range.  mesh, u (A, model frame), eta (Voigt) and site (flat index over the
+    supercell, the atom farthest from its place): its last frame inside, for constraints (:func:`escape_rays`).
+    samples: frames on the way out (ase Atoms, A; half-way and three quarters of the way in steps, from the start
+    to the last frame inside), states where the model already went wrong (a cell swelling, an atom drifting) whose
+    oracle labels show the fit what the energy really does there."""
+    mesh: tuple
+    u: np.ndarray
+    eta: np.ndarray
+    site: int
+    samples: list = field(default_factory=list)
+
+
 class _FellThrough(Exception):
     pass
 
@@ -184,11 +198,11 @@ def relaxation_probes(model: Model, settings: BoundSettings) -> list:
 
 def hot_md(model: Model, settings: BoundSettings, start=None, label: str = "hot MD"):
     """The check's hot MD (Langevin, or the soft Berendsen NPT with ``md_cell``) at ``md_temperature`` for
-    ``md_steps`` steps of 1 fs: (ok, message, escape); escape is (mesh, u, eta, site) of the last frame before the
+    ``md_steps`` steps of 1 fs: (ok, message, escape); escape (an :class:`Escape`) holds the last frame before the
     MD left the trusted range (``md_max_displacement``, ``md_max_strain``, a finite energy), with the site (flat
-    index over the supercell) farthest from its place, or None.  start: a mapped frame
-    (:class:`sp_server.model.mapping.Frame`) to start from, e.g. a production state (default: the reference
-    supercell of ``md_mesh``)."""
+    index over the supercell) farthest from its place, and frames on the way out to label; None when it stayed.
+    start: a mapped frame (:class:`sp_server.model.mapping.Frame`) to start from, e.g. a production state
+    (default: the reference supercell of ``md_mesh``)."""
     from ase import Atoms, units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
@@ -221,6 +235,8 @@ def hot_md(model: Model, settings: BoundSettings, start=None, label: str = "hot 
     cell0 = sites.cell.array.copy()
     ref = sites.positions.copy()
     last_ok = (atoms.cell.array.copy(), atoms.positions.copy())
+    path = [last_ok]        # about 100 frames of the MD: the escape's samples
+    every = max(1, settings.md_steps // 100)
 
     def escape_of(cell, positions):
         try:
@@ -229,7 +245,9 @@ def hot_md(model: Model, settings: BoundSettings, start=None, label: str = "hot 
             return None
         flat = fr.u.reshape(-1, 3) - fr.u.reshape(-1, 3).mean(axis=0)
         site = int(np.argmax((flat ** 2).sum(axis=1)))
-        return fr.mesh, fr.u, fr.eta, site
+        way = [path[int(f * (len(path) - 1))] for f in (0.5, 0.75)] if len(path) > 1 else []
+        samples = [Atoms(numbers=atoms.numbers, positions=p, cell=c, pbc=True) for c, p in way]
+        return Escape(tuple(fr.mesh), fr.u, fr.eta, site, samples)
 
     for step in range(settings.md_steps):
         try:
@@ -248,6 +266,8 @@ def hot_md(model: Model, settings: BoundSettings, start=None, label: str = "hot 
                            f"step {step}: energy {e:.3g} eV, max displacement {dmax:.2f} A, max strain "
                            f"{smax:.3f}"), escape_of(*last_ok)
         last_ok = (atoms.cell.array.copy(), atoms.positions.copy())
+        if step % every == every - 1:
+            path.append(last_ok)
     return True, (f"{label} ({settings.md_temperature:.0f} K, {mesh}, {settings.md_steps} steps"
                   f"{', NPT' if settings.md_cell else ''}) stayed bounded"), None
 
@@ -340,7 +360,7 @@ def escape_rays(escape, margin: float = 1e-3) -> list:
     the same atom alone from the reference, and the whole frame scaled up (each must rise)."""
     if escape is None:
         return []
-    mesh, u, eta, site = escape
+    mesh, u, eta, site = escape.mesh, escape.u, escape.eta, escape.site
     flat = np.asarray(u, dtype=float).reshape(-1, 3)
     d = flat[site] - flat.mean(axis=0)
     if not np.linalg.norm(d) > 0:
@@ -372,8 +392,9 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
        loses, become more constraints and step 3 is redone, up to ``max_rounds`` times.
 
     Returns (model, fit report, bound report); the bound report says bounded False only when the rounds ran out or
-    the constraints have no solution, and the log says so as a bug to look at (not a normal path).  ``fitted``: the
-    (model, report) of step 1 when the caller has made it already.  ``cuts``: rays that an earlier fit's check found
+    the constraints have no solution, and the log says so as a bug to look at (not a normal path); its
+    ``details["escapes"]`` lists the hot MDs' escapes of every round (:class:`Escape`, with frames to label).
+    ``fitted``: the (model, report) of step 1 when the caller has made it already.  ``cuts``: rays that an earlier fit's check found
     failing (its bound report's ``details["cuts"]``), added to the probes from the start, so that a refit on a few
     more structures does not find the same holes again round after round; the bound report's ``details["cuts"]``
     holds them and this fit's own, the newest ``max_cuts`` of them.  ``frozen``: a
@@ -419,7 +440,7 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
         top = positive_by_form(free.anharmonic.coefficients[:len(chosen)])
         cs.at_least(top, np.zeros(len(top)), "top order positive by form")
         log(f"top order positive by form: {len(top)} coefficients kept >= 0")
-    check = None
+    check, escapes = None, []
     for rnd in range(1, max_rounds + 1):
         try:
             w, info = constrained_map(mean, cov, cs, scale=free.posterior.feature_scale)
@@ -446,7 +467,10 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
             f"F {rm.get('forces', np.nan):.3g} eV/A): {_summary(check)}")
         if check.bounded:
             check.details["cuts"] = cuts[-max_cuts:] if max_cuts > 0 else []
+            check.details["escapes"] = escapes
             return model, rep, check
+        if check.details["escape"] is not None:
+            escapes.append(check.details["escape"])
         for ray in check.details["failing"] + escape_rays(check.details["escape"]):
             cs.add_set(ray_constraints(rows, ray))
             cuts.append(ray)
@@ -456,6 +480,7 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
     if check is None:
         check = check_bounded(free, settings)
     check.details["cuts"] = cuts[-max_cuts:] if max_cuts > 0 else []
+    check.details["escapes"] = escapes
     return model, rep, check
 
 

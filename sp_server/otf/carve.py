@@ -103,15 +103,27 @@ def carve_frame(model: Model, frame: Frame, shape, centre_site: int) -> Carved:
     return Carved(atoms, shape, int(centre_site), centre_cell, window, local_cell * nat, float("nan"))
 
 
-def carve(model: Model, atoms: Atoms, shape, evaluator: Optional[Evaluator] = None) -> Carved:
+def carve(model: Model, atoms: Atoms, shape, evaluator: Optional[Evaluator] = None,
+          max_displacement: Optional[float] = None) -> Optional[Carved]:
     """The sub-cell of ``atoms`` (any orientation and atom order) of ``shape`` reference cells, centred on the atom
-    with the largest per-atom Bayesian force error of ``model`` (which needs a posterior)."""
+    with the largest per-atom Bayesian force error of ``model`` (which needs a posterior).  max_displacement (A):
+    centred on the atom of largest error whose sub-cell keeps every atom within this of its site (uniform
+    translation removed), None when no sub-cell does."""
     evaluator = evaluator or Evaluator(model)
     frame, errors = evaluator.atom_force_errors(atoms.cell.array, atoms.positions, atoms.numbers)
-    site = int(np.argmax(errors))
-    carved = carve_frame(model, frame, shape, site)
-    carved.error = float(errors[site])
-    return carved
+    tried = set()
+    for site in np.argsort(-errors, kind="stable"):
+        carved = carve_frame(model, frame, shape, int(site))
+        if max_displacement is not None:
+            if carved.centre_cell in tried:
+                continue
+            tried.add(carved.centre_cell)
+            u = frame.u[np.ix_(*carved.window)].reshape(-1, 3)
+            if np.sqrt(((u - u.mean(axis=0)) ** 2).sum(axis=1)).max() > max_displacement:
+                continue
+        carved.error = float(errors[site])
+        return carved
+    return None
 
 
 class Patterns:

@@ -17,7 +17,10 @@ evaluate and reload.  One cycle:
 3. refit: the new labels join the sufficient statistics; the bounded fit of ``[fit]`` gives a candidate.  It is
    published (models/model_vNNN.h5, then model.h5 replaced atomically) only when it passes the boundedness check
    and is not worse than the current model on the validation frames (energy, force and stress RMSE each within
-   ``accept_tolerance``, relative); otherwise the current model stays, and the log says why.
+   ``accept_tolerance``, relative), and NPT MD of it from each queue's latest frame stays in the trusted range
+   (the production gate); otherwise the current model stays, and the log says why.  States on the way out of
+   every hot MD that left the trusted range (the check's rounds, the gate) go to the store as training frames
+   (``escape_labels``), so that the next refit has the oracle's word where this one ran away.
 
 Exactly once: a queue frame is first written to the store with its source (queue and row id), then marked in its
 queue (state learned | duplicate | skipped); a stop in between is found by the source on the next start.  The
@@ -84,6 +87,14 @@ class LearnSettings:
     gate_temperature: Optional[float] = None  # K (None: 1.5 x the highest temperature of the run's [loop])
     gate_max_cells: int = 216            # the gate's MD runs on at most this many cells of the frame (a sub-cell
                                          # around its most displaced atom)
+    escape_labels: int = 8               # per refit, at most this many states on the way out of the hot MDs that
+                                         # left the trusted range (the bounded fit's rounds, the gate) go to
+                                         # labelling as training frames (0: none): the data then show the fit the
+                                         # energy where it ran away, instead of constraints only (docs/learn.md)
+    kept_cuts: bool = False              # refits start from the run's kept constraints (bound_cuts.npz) too; off:
+                                         # from the probes alone, so that every hole the check finds again is a
+                                         # state to label, and no constraint of a hole the data now cover holds
+                                         # the fit away from them (docs/learn.md)
 
 
 @dataclass
@@ -446,24 +457,9 @@ class Learner:
             decision, version, after, model = "kept (already published)", int(current.version), before, current
         else:
             version = self._version()
-            frozen = self._frozen(ts)
-            model, report, bounded = otf.fit_model(ts, harmonic, bounding, version, report, frozen=frozen)
-            after = otf.validation_rmse(model)
-            decision = self._decide(bounded, before, after)
-            if decision == "published" and self.settings.gate_steps > 0:
-                ok, msg, escape = self.production_gate(model)
-                if not ok and escape is not None and bounded is not None:
-                    # its escape becomes constraints of the fit (kept with the run's cuts), and the gate runs again
-                    self.log(f"  production gate: {msg}; refitting with the escape as constraints")
-                    model, report, bounded = otf.fit_model(ts, harmonic, bounding, version, report, frozen=frozen,
-                                                           extra_cuts=escape_rays(escape))
-                    after = otf.validation_rmse(model)
-                    decision = self._decide(bounded, before, after)
-                    if decision == "published":
-                        ok, msg, escape = self.production_gate(model)
-                self.log(f"  production gate: {msg}")
-                if decision == "published" and not ok:
-                    decision = f"rejected (production gate: {msg})"
+            model, report, bounded, after, decision, escapes = self._fit_and_gate(ts, harmonic, bounding, version,
+                                                                                  report, before)
+            window["escape_labels"] = self._label_escapes(model, escapes)
             if decision == "published":
                 model.metadata["otf"] = {"iteration": f"learn_c{self.state['cycle']:04d}", "n_train": ts.n_structures,
                                          "bounded": bounded}
@@ -487,6 +483,85 @@ class Learner:
         self.state["decided_n_train"] = self._labeled_train()
         self.state["refit_interrupted"] = False
         self._save_state()
+
+    def _fit_and_gate(self, ts, harmonic, bounding, version, report, before) -> tuple:
+        """The candidate: the bounded fit, its decision, and the production gate (a candidate that runs away there
+        is refitted once with the escape as constraints and gated again).  Returns (model, report, bounded,
+        validation RMSE, decision, escapes of every hot MD that left the trusted range)."""
+        otf = self.otf
+        frozen = self._frozen(ts)
+        kept = bool(self.settings.kept_cuts)
+        model, report, check = otf.fit_model(ts, harmonic, bounding, version, report, frozen=frozen, kept_cuts=kept)
+        bounded = check.bounded if check is not None else None
+        escapes = list(check.details.get("escapes", [])) if check is not None else []
+        after = otf.validation_rmse(model)
+        decision = self._decide(bounded, before, after)
+        if decision != "published" or self.settings.gate_steps <= 0:
+            return model, report, bounded, after, decision, escapes
+        ok, msg, escape = self.production_gate(model)
+        if not ok and escape is not None and check is not None:
+            # its escape becomes constraints of the refit (and of the kept cuts with kept_cuts), and the gate runs again
+            escapes.append(escape)
+            self.log(f"  production gate: {msg}; refitting with the escape as constraints")
+            model, report, check = otf.fit_model(ts, harmonic, bounding, version, report, frozen=frozen,
+                                                 extra_cuts=escape_rays(escape), kept_cuts=kept)
+            bounded = check.bounded
+            escapes += check.details.get("escapes", [])
+            after = otf.validation_rmse(model)
+            decision = self._decide(bounded, before, after)
+            if decision == "published":
+                ok, msg, escape = self.production_gate(model)
+                escapes += [escape] if escape is not None else []
+        self.log(f"  production gate: {msg}")
+        if decision == "published" and not ok:
+            decision = f"rejected (production gate: {msg})"
+        return model, report, bounded, after, decision, escapes
+
+    def _label_escapes(self, model, escapes) -> int:
+        """Send states on the way out of the hot MDs that left the trusted range (each :class:`Escape`'s samples,
+        carved to ``max_atoms`` around the atom of largest Bayesian force error whose sub-cell stays within the
+        labelling range) to the store as training frames, at most ``escape_labels`` and the budget, one escape
+        after the other; near-duplicates skipped.  They are labelled in the next cycle and join the next refit.
+        Returns how many went."""
+        n = min(int(self.settings.escape_labels), self.budget())
+        if n <= 0 or not escapes or model.posterior is None:
+            return 0
+        far = float(self.otf.config.md.label_max_displacement)
+        evaluator = Evaluator(model)
+        patterns, _ = self._known_patterns(evaluator)
+        order = [(k, j) for j in range(max(len(e.samples) for e in escapes)) for k in range(len(escapes))
+                 if j < len(escapes[k].samples)]
+        cycle = int(self.state["cycle"])
+        new, skipped = [], 0
+        for k, j in order:
+            if len(new) >= n:
+                break
+            atoms = escapes[k].samples[-1 - j]       # the latest sample of each escape first
+            shape = carve_shape(model.natoms, FrameMapper(model.reference).map(
+                atoms.cell.array, atoms.positions, atoms.numbers).mesh, self.settings.max_atoms)
+            carved = carve(model, atoms, shape, evaluator, max_displacement=far) if shape is not None else None
+            if shape is not None and carved is None:
+                skipped += 1
+                continue
+            cell = carved.atoms if carved is not None else atoms
+            frame = evaluator.mapper.map(cell.cell.array, cell.positions, cell.numbers)
+            if frame.max_displacement > far or patterns.duplicate_of(frame) is not None:
+                skipped += 1
+                continue
+            source = f"escape:c{cycle}:{k}:{j}"
+            patterns.add(source, frame)
+            meta = {"role": "train", "origin": "learn", "source": source, "reason": "escape (hot MD)",
+                    "imported_at": time.time(), "learn_cycle": cycle, "temperature": -1.0, "iteration": -1,
+                    "phase": "", "model_version": int(model.version)}
+            if carved is not None:
+                meta.update({"carved": f"{'x'.join(map(str, shape))} of {len(atoms)} atoms",
+                             "carved_centre_site": carved.centre_site, "carved_centre_error": carved.error})
+            new.append((cell, meta))
+        if new:
+            self.store.add_many(new)
+        self.log(f"  {len(new)} state(s) on the way out of {len(escapes)} escape(s) of the hot MDs sent to labelling"
+                 f" ({skipped} too far or duplicate)")
+        return len(new)
 
     def _frozen(self, ts) -> Optional[FrozenPrior]:
         """The session's prior (learn_prior.h5) for the refit, or None (``freeze_prior`` off; a prior model without
@@ -570,7 +645,8 @@ class Learner:
         head = f"v{r['version']} {r['decision']}"
         return (f"refit: flags {r['flags']} received, {w.get('received', 0)} taken ({w.get('duplicates', 0)} "
                 f"duplicate, {w.get('skipped', 0)} too far, {w.get('carved', 0)} carved), {w.get('labels', 0)} "
-                f"labels; {head}; train {r['n_train']}; val RMSE before {val(r['rmse_before'])} after "
+                f"labels, {w.get('escape_labels', 0)} escape state(s) sent to labelling; {head}; train "
+                f"{r['n_train']}; val RMSE before {val(r['rmse_before'])} after "
                 f"{val(r['rmse_after'])} (meV/cell, eV/A, GPa; n={r['rmse_after'].get('n', 0)}); flag rate {rate} "
                 f"[{r['refit_s']:.1f} s]")
 

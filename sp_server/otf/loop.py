@@ -491,12 +491,15 @@ class OnTheFly:
             ts.save(stats_path, ids=np.array(sorted(ids), dtype=int))
         return ts, report, harmonic, bounding, len(rows)
 
-    def fit_model(self, ts, harmonic, bounding, version: int, report, frozen=None, extra_cuts=()) -> tuple:
-        """(model, report, bounded): the fit of the statistics ``ts`` as model ``version`` (bounded under
+    def fit_model(self, ts, harmonic, bounding, version: int, report, frozen=None, extra_cuts=(),
+                  kept_cuts: bool = True) -> tuple:
+        """(model, report, check): the fit of the statistics ``ts`` as model ``version`` (bounded under
         constraints with ``[fit] bound``, the probe rays found failing kept in bound_cuts.npz for the next fits;
-        bounded is None without ``bound``).  Nothing is published here.  frozen: a
+        check: its :class:`sp_server.fit.bound.BoundReport`, with the hot MDs' escapes of every round in
+        ``details["escapes"]``; None without ``bound``).  Nothing is published here.  frozen: a
         :class:`sp_server.fit.bayes.FrozenPrior` (terms, scales and widths held; sp_server.otf.learn);
-        extra_cuts: more rays for the constrained fit (kept with the others)."""
+        extra_cuts: more rays for the constrained fit (kept with the others).  kept_cuts False: the fit starts
+        from its probes and ``extra_cuts`` alone, and bound_cuts.npz is neither read nor written."""
         cfg = self.config
         if not cfg.fit.bound:
             if frozen is not None:
@@ -509,7 +512,7 @@ class OnTheFly:
             return model, report, None
         cuts_path = self.dir / "bound_cuts.npz"
         try:
-            cuts = load_rays(cuts_path) if cuts_path.exists() else []
+            cuts = load_rays(cuts_path) if kept_cuts and cuts_path.exists() else []
         except ValueError as exc:   # a damaged file only costs the rounds that find them again
             self.log(f"  {exc}; the constrained fit starts from its probes alone")
             cuts = []
@@ -519,9 +522,9 @@ class OnTheFly:
                                            version=version, report=report, log=lambda m: self.log(f"  {m}"),
                                            settings=self.bound_settings(harmonic))
         found = bound.details.get("cuts", [])
-        if len(found) != len(cuts) or any(a is not b for a, b in zip(found, cuts)):
+        if kept_cuts and (len(found) != len(cuts) or any(a is not b for a, b in zip(found, cuts))):
             save_rays(cuts_path, found)
-        return model, report, bound.bounded
+        return model, report, bound
 
     def fit_stage(self):
         cfg = self.config
@@ -541,7 +544,8 @@ class OnTheFly:
             report.sigma_v = model.posterior.sigma_v if model.posterior is not None else float("nan")
             self.log(f"  no new labels: model v{version} kept")
         else:
-            model, report, bounded = self.fit_model(ts, harmonic, bounding, version, report)
+            model, report, check = self.fit_model(ts, harmonic, bounding, version, report)
+            bounded = check.bounded if check is not None else None
         if version != self.state["model_version"]:
             model.metadata["otf"] = {"iteration": self._iteration_key(), "n_train": ts.n_structures,
                                      "bounded": bounded}

@@ -43,7 +43,10 @@ def test_hot_md_moves_the_cell_and_catches_a_strain_runaway(toy):
     assert ok, msg
     ok, msg, escape = hot_md(bad, settings)
     assert not ok, msg              # left the trusted range ("max strain") or the cell fell apart in one step
-    assert escape is not None and np.abs(escape[2]).max() > 0.02
+    assert escape is not None and np.abs(escape.eta).max() > 0.02
+    # samples on the way out, to label: whole frames of the MD, half-way and three quarters of the way
+    assert len(escape.samples) == 2 and all(len(a) == 8 * toy.natoms for a in escape.samples)
+    assert not np.allclose(escape.samples[0].cell.array, escape.samples[1].cell.array)
     # the toy model itself stays inside the trusted range with the cell moving
     ok, msg, _ = hot_md(toy, settings)
     assert ok and "NPT" in msg, msg

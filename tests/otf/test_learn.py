@@ -15,7 +15,9 @@ import ase.db
 import numpy as np
 import pytest
 
+from sp_server.fit.bound import BoundReport
 from sp_server.fit.fit import fit_training_set
+from sp_server.model.mapping import FrameMapper
 from sp_server.model.native import load_model
 from sp_server.otf.carve import Patterns, carve, carve_frame, carve_shape, exact_shape, interaction_reach
 from sp_server.otf.config import OtfConfig
@@ -89,6 +91,14 @@ def test_carve_shape_and_centre(fitted_toy):
     sub = ev.mapper.map(c.atoms.cell.array, c.atoms.positions, c.atoms.numbers)
     assert np.allclose(sub.u.reshape(-1, 3)[local], frame.u.reshape(-1, 3)[c.centre_site], atol=1e-9)
     assert np.allclose(sub.eta, frame.eta, atol=1e-12)
+    # within a labelling range: the largest error whose sub-cell leaves the far atom out, or none at all
+    near = carve(fitted_toy, atoms, (3, 3, 3), ev, max_displacement=0.2)
+    inside = ev.mapper.map(near.atoms.cell.array, near.atoms.positions, near.atoms.numbers)
+    assert sub.max_displacement > 0.25 and inside.max_displacement <= 0.2
+    assert near.error < c.error and near.error == pytest.approx(max(
+        errors[s] for s in range(len(errors))
+        if carve_frame(fitted_toy, frame, (3, 3, 3), s).centre_cell == near.centre_cell))
+    assert carve(fitted_toy, atoms, (3, 3, 3), ev, max_displacement=0.01) is None
 
 
 def test_patterns_find_translated_repeats_and_nothing_else(toy):
@@ -176,7 +186,7 @@ def test_two_servers_one_queue_learner_publishes_and_servers_reload(tmp_path, ru
         assert md_steps == len(frames_a) + len(frames_b)
         lines = []
         learner = Learner(run, [queue], LearnSettings(max_atoms=135, min_labels=1, poll_s=0.1, validation_every=0,
-                                                      accept_tolerance=10.0), log=lines.append)
+                                                      accept_tolerance=10.0, gate_steps=100), log=lines.append)
         result = learner.cycle()
         assert result.published == model.version + 1, lines
         # the servers reload the published model between two frames; the engines never restart
@@ -345,7 +355,7 @@ def test_learner_killed_at_random_moments_loses_and_doubles_nothing(tmp_path, ru
     url = tmp_path / "q.db"
     queued(model, url, 24, seed=3)
     cmd = [sys.executable, "-m", "sp_server.cli.main", "learn", str(run), "--queue", str(url), "--batch", "6",
-           "--min-labels", "6", "--poll", "0.2", "--accept-tolerance", "10", "--no-progress"]
+           "--min-labels", "6", "--poll", "0.2", "--accept-tolerance", "10", "--gate-steps", "100", "--no-progress"]
     rng = np.random.default_rng(11)
     for _ in range(3):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -387,7 +397,8 @@ def test_learner_pulls_from_a_postgresql_queue_and_a_sqlite_one(tmp_path, run_te
     queued(model, tmp_path / "local.db", 3, seed=2)
     lines = []
     learner = Learner(run, [pg, tmp_path / "local.db"], LearnSettings(min_labels=1, timestep_fs=(1.0, 2.0),
-                                                                      accept_tolerance=10.0), log=lines.append)
+                                                                      accept_tolerance=10.0, gate_steps=100),
+                      log=lines.append)
     result = learner.cycle()
     assert result.pulled.received == 8 and result.pulled.added + result.pulled.duplicates == 8 and result.refit
     with ase.db.connect(pg) as db:
@@ -441,8 +452,8 @@ def test_a_lammps_deck_feeds_the_queue_and_reloads_the_published_model(tmp_path,
     assert rows and all(v == (v0 if frame < 20 else v0 + 1) for frame, v in rows), rows
     assert v0 + 1 in {v for _, v in rows}
     assert len(progress) == 1 and progress[0].md_steps == 61.0
-    learner = Learner(run, [queue], LearnSettings(min_labels=1, timestep_fs=(1.0,), accept_tolerance=10.0),
-                      log=lambda m: None)
+    learner = Learner(run, [queue], LearnSettings(min_labels=1, timestep_fs=(1.0,), accept_tolerance=10.0,
+                                                  gate_steps=100), log=lambda m: None)
     result = learner.cycle()
     assert result.pulled.received > 0 and result.refit
     with ase.db.connect(str(queue)) as db:
@@ -471,7 +482,11 @@ def test_refits_of_a_session_keep_the_prior_so_that_no_error_grows(tmp_path, run
     queued(model, url, 8, seed=11)
     probes = [thermal(model, (2, 2, 2), seed=s, amp=a) for s, a in zip(range(6), (0.03, 0.05, 0.08, 0.1, 0.12, 0.15))]
     lines = []
-    learner = Learner(run, [url], LearnSettings(batch=4, min_labels=4, validation_every=0, accept_tolerance=10.0),
+    # the refits start from their probes alone: the run's kept cuts are neither read nor written (a damaged file
+    # would be said in the log)
+    (run / "bound_cuts.npz").write_bytes(b"not a ray file")
+    learner = Learner(run, [url], LearnSettings(batch=4, min_labels=4, validation_every=0, accept_tolerance=10.0,
+                                                gate_steps=100),
                       log=lines.append)
     versions = [model]
     for _ in range(2):
@@ -479,6 +494,7 @@ def test_refits_of_a_session_keep_the_prior_so_that_no_error_grows(tmp_path, run
         assert result.published is not None, lines
         versions.append(load_model(run / "model.h5"))
     assert (run / "learn_prior.h5").exists()
+    assert (run / "bound_cuts.npz").read_bytes() == b"not a ray file" and not any("probes alone" in ln for ln in lines)
     errors = [_errors(m, probes) for m in versions]
     for before, after in zip(errors, errors[1:]):
         assert np.all(after <= before * (1 + 1e-7) + 1e-12), (before, after)
@@ -489,7 +505,7 @@ def test_refits_of_a_session_keep_the_prior_so_that_no_error_grows(tmp_path, run
         assert m.anharmonic.coefficients == versions[0].anharmonic.coefficients
         assert np.array_equal(m.posterior.feature_scale, versions[0].posterior.feature_scale)
         assert m.metadata["fit"]["frozen_prior"]
-    assert any("production gate: 1 production state(s) held 500 fs" in ln for ln in lines), lines
+    assert any("production gate: 1 production state(s) held 100 fs" in ln for ln in lines), lines
     # --refit-prior: no frozen prior, and the same labels refitted by the evidence move the widths
     free = Learner(copy_run(run_template, tmp_path / "free"), [url], LearnSettings(freeze_prior=False),
                    log=lambda m: None)
@@ -526,9 +542,9 @@ def test_the_production_gate_rejects_a_candidate_that_runs_away_from_the_product
     assert not ok and escape is not None and msg.startswith(f"NPT MD from {url}#{last}"), msg
     calls = []
 
-    def fit_model(ts, harmonic, bounding, version, report, frozen=None, extra_cuts=()):
+    def fit_model(ts, harmonic, bounding, version, report, frozen=None, extra_cuts=(), kept_cuts=True):
         calls.append(len(extra_cuts))
-        return bad, report, True
+        return bad, report, BoundReport(True, 0.0, 0, True, "bounded", {"escapes": []})
     monkeypatch.setattr(learner.otf, "fit_model", fit_model)
     lines = []
     learner._print = lines.append
@@ -536,5 +552,19 @@ def test_the_production_gate_rejects_a_candidate_that_runs_away_from_the_product
     assert result.refit and result.published is None
     assert len(calls) == 2 and calls[0] == 0 and calls[1] > 0, lines    # the second fit had the escape's rays as constraints
     assert load_model(run / "model.h5").version == model.version
-    decision = json.loads((run / "learn_state.json").read_text())["history"][-1]["decision"]
-    assert decision.startswith("rejected (production gate: NPT MD from"), decision
+    history = json.loads((run / "learn_state.json").read_text())["history"]
+    assert history[-1]["decision"].startswith("rejected (production gate: NPT MD from"), history[-1]["decision"]
+    # the states on the way out of the two gate MDs (2 samples each) went to labelling as training frames, carved
+    # to max_atoms and inside the labelling range; the next cycle labels them and they join the next refit
+    escaped = learner.store.rows(reason="escape (hot MD)")
+    assert history[-1]["window"]["escape_labels"] == len(escaped) >= 1, "\n".join(lines)
+    far = learner.otf.config.md.label_max_displacement
+    mapper = FrameMapper(model.reference)
+    for r in escaped:
+        a = r.toatoms()
+        assert r.role == "train" and r.state == "pending" and r.source.startswith("escape:") and len(a) <= 135
+        assert mapper.map(a.cell.array, a.positions, a.numbers).max_displacement <= far
+    monkeypatch.undo()
+    learner.cycle()
+    assert all(r.state == "labeled" for r in learner.store.rows(reason="escape (hot MD)"))
+    assert len(json.loads((run / "learn_state.json").read_text())["history"]) == len(history) + 1
