@@ -181,7 +181,8 @@ def _cmd_serve(args):
         raise ValueError(f"--error-stride must be >= 0, got {args.error_stride}")
     settings = ServeSettings(threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
                              wait=args.wait, error_stride=args.error_stride, trace_dir=args.trace,
-                             committee_extras=args.committee_extras, probation_frames=args.probation)
+                             committee_extras=args.committee_extras, probation_frames=args.probation,
+                             probation_margin=args.probation_margin)
     server = ForceServer(args.model, args.address, args.port, args.unix, args.connections, args.queue, settings)
     return server.serve_forever()
 
@@ -196,7 +197,8 @@ def _cmd_lammps(args):
         raise ValueError(f"--error-stride must be >= 0, got {args.error_stride}")
     bridge = LammpsBridge(args.model, queue=args.queue,
                           threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
-                          error_stride=args.error_stride, probation_frames=args.probation)
+                          error_stride=args.error_stride, probation_frames=args.probation,
+                          probation_margin=args.probation_margin)
     rc = bridge.run(args.deck, dict(args.var or []), log_file=args.log)
     print(f"LAMMPS deck {args.deck} finished: {bridge.frames} force evaluations; log in {args.log}")
     return rc
@@ -421,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--probation", type=int, default=2000, metavar="FRAMES",
                     help="after a hot reload, a frame outside the trusted range within this many frames sends the "
                          "server back to the version before (default 2000; 0: none)")
+    sv.add_argument("--probation-margin", type=float, default=0.2, metavar="A",
+                    help="during probation, an atom this much (Angstrom) farther from its site than in any frame "
+                         "served before the reload fails it too (default 0.2; 0: off)")
     sv.add_argument("--trace", metavar="DIR", help="write every frame's energy (eV) and Bayesian errors to "
                                                    "DIR/trace_K.csv, one file per connection K")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
@@ -438,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--probation", type=int, default=2000, metavar="STEPS",
                     help="after a hot reload, a step outside the trusted range within this many steps sends the "
                          "bridge back to the version before (as sp-server serve; default 2000; 0: none)")
+    lm.add_argument("--probation-margin", type=float, default=0.2, metavar="A",
+                    help="as sp-server serve: an atom this much farther from its site than before the reload fails "
+                         "the probation (default 0.2; 0: off)")
     lm.add_argument("--log", default="log.lammps", help="LAMMPS log file (relative to the deck's folder)")
     lm.set_defaults(func=_cmd_lammps)
 

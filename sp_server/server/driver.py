@@ -62,6 +62,10 @@ class ServeSettings:
     probation_frames: int = 2000        # after a hot reload, a frame outside the trusted range within this many
                                         # frames (all connections) sends the server back to the version before
                                         # (ModelHolder); 0: no probation
+    probation_margin: float = 0.2       # A: during probation, a frame with an atom this much farther from its site
+                                        # than any frame of the settled versions (PROBATION_HISTORY frames at
+                                        # least) fails it too, before the atom is out of the trusted range and
+                                        # too fast to be caught (0: off; docs/learn.md)
     committee_extras: bool = False      # add i-PI committee extras (committee_pot: committee_energies), so that
                                         # i-PI's <ffcommittee> with parse_json reads the Bayesian energy error
 
@@ -114,6 +118,10 @@ class UntrustedFrame(RuntimeError):
     """A frame outside the model's trusted range, with ServeSettings.stop_untrusted set."""
 
 
+#: settled frames (outside any probation) that the displacement watch of a probation needs before it judges
+PROBATION_HISTORY = 200
+
+
 class ModelHolder:
     """The current model, reloaded when its file is atomically replaced (checked at most every interval s).
 
@@ -121,9 +129,15 @@ class ModelHolder:
     (``report(generation, False)``) sends the holder back to the version before, which had served its own probation
     (or was the first); that file's contents are not loaded again, the next publication is.  A published version
     of 2026-12-04 took a 10x10x10 NPT production run out of the trusted range 50 steps after it was loaded, and the
-    run was lost (docs/learn.md)."""
+    run was lost (docs/learn.md).
 
-    def __init__(self, path, interval: float = 1.0, probation_frames: int = 0):
+    Displacement watch (``probation_margin``, A): during probation a frame whose farthest atom is more than the
+    margin beyond the farthest of every settled frame (served outside any probation; at least PROBATION_HISTORY of
+    them) fails too.  A version published on 2026-12-04 (third run) had a local hole: a Ti and two O of one cell
+    fell into it together at 350 K, and by the time one O was 1.06 A out (the trusted range) they were falling too
+    fast for the version before to hold them (the run was lost); the settled frames had reached 0.54 A."""
+
+    def __init__(self, path, interval: float = 1.0, probation_frames: int = 0, probation_margin: float = 0.0):
         self.path = Path(path)
         self.interval = interval
         self.lock = threading.Lock()
@@ -135,13 +149,28 @@ class ModelHolder:
         self.probation = 0            # frames the current version still has to hold in the trusted range
         self.proven = self.model      # the last version that held its probation (or the first)
         self.reverted: list = []      # (version rejected, version back to, reason)
+        self.probation_margin = float(probation_margin)
+        self.settled_frames = 0       # trusted frames served outside any probation ...
+        self.settled_displacement = 0.0   # ... and the farthest any of their atoms was from its site, A
 
-    def report(self, generation: int, trusted: bool, why: str = "") -> Optional[int]:
-        """After each frame evaluated with ``generation``: counts the probation down, or, for a frame outside the
-        trusted range during it, goes back to the proven version; returns that version's generation, else None."""
+    def report(self, generation: int, trusted: bool, why: str = "", displacement: float = float("nan")) \
+            -> Optional[int]:
+        """After each frame evaluated with ``generation`` (``displacement``: its farthest atom from its site, A):
+        counts the probation down, or, for a frame outside the trusted range during it (or beyond the displacement
+        watch), goes back to the proven version; returns that version's generation, else None."""
         with self.lock:
-            if generation != self.generation or self.probation <= 0:
+            if generation != self.generation:
                 return None
+            if self.probation <= 0:
+                if trusted and np.isfinite(displacement):
+                    self.settled_frames += 1
+                    self.settled_displacement = max(self.settled_displacement, float(displacement))
+                return None
+            if trusted and self.probation_margin > 0 and self.settled_frames >= PROBATION_HISTORY and \
+                    displacement > self.settled_displacement + self.probation_margin:
+                trusted = False
+                why = (f"atom {displacement:.2f} A from its site, more than {self.probation_margin:g} A beyond the "
+                       f"farthest of {self.settled_frames} settled frames ({self.settled_displacement:.2f} A)")
             if trusted:
                 self.probation -= 1
                 if self.probation == 0:
@@ -256,7 +285,8 @@ class _Trajectory:
 class ForceServer:
     def __init__(self, model_path, address, port: Optional[int] = None, unix: bool = False,
                  connections: int = 1, queue: Optional[str] = None, settings: ServeSettings = ServeSettings()):
-        self.holder = ModelHolder(model_path, settings.reload_interval, settings.probation_frames)
+        self.holder = ModelHolder(model_path, settings.reload_interval, settings.probation_frames,
+                                  settings.probation_margin)
         # one or several engines (e.g. two i-PI instances): each address gets `connections` connections
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.port, self.unix = port, unix
@@ -377,16 +407,17 @@ class ForceServer:
                             log.info("connection %d: frame %d evaluated with model version %s", k, frame,
                                      model.version)
                         generation, evaluator = gen, Evaluator(model)
-                    answer, err_s, bad = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj, trace)
-                    if self.holder.report(generation, not bad, "; ".join(bad)) is not None:
+                    answer, err_s, bad, far = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj,
+                                                             trace)
+                    if self.holder.report(generation, not bad, "; ".join(bad), far) is not None:
                         # the new version failed its probation: this frame and the next get the proven version's
                         # forces (this frame was queued above)
                         generation, model = self.holder.poll()
                         evaluator = Evaluator(model)
                         log.warning("connection %d, frame %d: evaluated again with model version %s", k, frame,
                                     model.version)
-                        answer, err_s, bad = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj,
-                                                            None, flag=False)
+                        answer, err_s, bad, _ = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj,
+                                                               None, flag=False)
                     if bad and self.settings.stop_untrusted:
                         raise UntrustedFrame("; ".join(bad))
                     if frame > 0:  # the first frame includes set-up (Ewald sums, compilation)
@@ -462,7 +493,7 @@ class ForceServer:
 
     def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj, trace=None, flag: bool = True):
         """(answer for GETFORCE, seconds spent on Bayesian errors or None, reasons the frame is outside the trusted
-        range); queues the frame when it is flagged (with ``flag``)."""
+        range, its farthest atom from its site in A); queues the frame when it is flagged (with ``flag``)."""
         ref = model.reference
         # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
         # then cached), and take the species of their sites
@@ -504,5 +535,5 @@ class ForceServer:
             log.warning("connection %d, frame %d: %s", k, frame, "; ".join(reasons))
         stress = symmetric_from_voigt(res.stress)
         return ((res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)),
-                res.error_seconds if res.errors is not None else None, reasons)
+                res.error_seconds if res.errors is not None else None, reasons, float(res.frame.max_displacement))
 

@@ -64,8 +64,9 @@ def _deck_commands(path: Path):
 
 class LammpsBridge:
     def __init__(self, model_path, *, queue: Optional[str] = None, threshold: Optional[ErrorThreshold] = None,
-                 max_displacement: float = 1.0, error_stride: int = 1, probation_frames: int = 2000):
-        self.holder = ModelHolder(model_path, probation_frames=probation_frames)
+                 max_displacement: float = 1.0, error_stride: int = 1, probation_frames: int = 2000,
+                 probation_margin: float = 0.2):
+        self.holder = ModelHolder(model_path, probation_frames=probation_frames, probation_margin=probation_margin)
         self.model = self.holder.model
         self.evaluator = Evaluator(self.model)
         self._generation = self.holder.generation
@@ -116,7 +117,7 @@ class LammpsBridge:
         reasons = untrusted_reasons(res, model.reference, self.trust)
         if self.queue is not None:
             self._flag(ntimestep, cell, pos, res, reasons)
-        if self.holder.report(generation, not reasons, "; ".join(reasons)) is not None:
+        if self.holder.report(generation, not reasons, "; ".join(reasons), res.frame.max_displacement) is not None:
             # the reloaded version failed its probation: LAMMPS gets the proven version's forces from this step on
             self._generation, self.model = self.holder.poll()
             self.evaluator = Evaluator(self.model)

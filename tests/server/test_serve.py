@@ -375,6 +375,37 @@ def test_model_holder_probation_goes_back_to_the_last_version_that_held_its_own(
     assert holder.report(g4, False, "x") is not None and holder.poll()[1].version == v + 3
 
 
+def test_probation_fails_on_an_atom_farther_out_than_any_settled_frame(tmp_path, toy):
+    """The displacement watch: during probation, a frame whose farthest atom is more than probation_margin beyond
+    the farthest of the settled frames (served outside any probation, PROBATION_HISTORY of them at least) fails it,
+    though the atom is still inside the trusted range; frames on probation do not count as settled; with too short a
+    history, or margin 0, it does not judge."""
+    from sp_server.server.driver import PROBATION_HISTORY, ModelHolder
+    v = toy.version
+
+    def holder_with_history(name, n, margin=0.2):
+        path = save_model(toy, tmp_path / name)
+        holder = ModelHolder(path, interval=0.0, probation_frames=50, probation_margin=margin)
+        g0, _ = holder.poll()
+        for d in np.linspace(0.30, 0.45, n):
+            assert holder.report(g0, True, "", d) is None
+        save_model(dataclasses.replace(toy, version=v + 1), path)
+        return holder, holder.poll()[0]
+
+    holder, g1 = holder_with_history("a.h5", PROBATION_HISTORY)
+    assert holder.settled_frames == PROBATION_HISTORY and holder.settled_displacement == pytest.approx(0.45)
+    assert holder.report(g1, True, "", 0.64) is None and holder.report(g1, True, "", float("nan")) is None
+    assert holder.settled_frames == PROBATION_HISTORY        # frames on probation are not settled ones
+    back = holder.report(g1, True, "", 0.70)
+    assert back is not None and holder.poll()[1].version == v
+    assert holder.reverted == [(v + 1, v, f"atom 0.70 A from its site, more than 0.2 A beyond the farthest of "
+                                          f"{PROBATION_HISTORY} settled frames (0.45 A)")]
+    short, g = holder_with_history("b.h5", PROBATION_HISTORY - 1)
+    assert short.report(g, True, "", 0.9) is None and short.poll()[1].version == v + 1
+    off, g = holder_with_history("c.h5", PROBATION_HISTORY, margin=0.0)
+    assert off.report(g, True, "", 0.9) is None and off.poll()[1].version == v + 1
+
+
 def test_a_strained_cell_leaves_the_trusted_range(toy):
     """The trusted range includes the cell's strain (ServeSettings.max_strain, the boundedness check's 0.15): a
     cell stretched 12% along one axis is inside, 16% is outside, and the reason names the strain."""
