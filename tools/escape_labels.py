@@ -49,6 +49,7 @@ def main(argv=None) -> int:
         b = model.metadata.get("bounding", {})
         val = otf.validation_rmse(model)
         escapes = check.details.get("escapes", [])
+        learner.state["cycle"] = it          # the escape states' sources: escape:cIT:K:J
         sent = learner._label_escapes(model, escapes)
         print(f"refit {it}: {ts.n_structures} training frames, bounded {check.bounded} after {b.get('rounds')} "
               f"round(s), {b.get('active')} active of {b.get('constraints')} constraints, "
