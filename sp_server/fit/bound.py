@@ -394,10 +394,10 @@ def fit_bounded(ts, base: Model, *, select=None, select_by: str = "evidence", bo
     Returns (model, fit report, bound report); the bound report says bounded False only when the rounds ran out or
     the constraints have no solution, and the log says so as a bug to look at (not a normal path); its
     ``details["escapes"]`` lists the hot MDs' escapes of every round (:class:`Escape`, with frames to label).
-    ``fitted``: the (model, report) of step 1 when the caller has made it already.  ``cuts``: rays that an earlier fit's check found
-    failing (its bound report's ``details["cuts"]``), added to the probes from the start, so that a refit on a few
-    more structures does not find the same holes again round after round; the bound report's ``details["cuts"]``
-    holds them and this fit's own, the newest ``max_cuts`` of them.  ``frozen``: a
+    ``fitted``: the (model, report) of step 1 when the caller has made it already. ``cuts``: rays that an earlier
+    fit's check found failing (its bound report's ``details["cuts"]``), added to the probes from the start, so that
+    a refit on a few more structures does not find the same holes again round after round; the bound report's
+    ``details["cuts"]`` holds them and this fit's own, the newest ``max_cuts`` of them. ``frozen``: a
     :class:`sp_server.fit.bayes.FrozenPrior` (its terms, column scales and widths; no selection in step 1), whose
     bounding columns must be ``bounding``.  Units: eV, Angstrom."""
     from .fit import fit_training_set

@@ -500,7 +500,7 @@ class Learner:
             return model, report, bounded, after, decision, escapes
         ok, msg, escape = self.production_gate(model)
         if not ok and escape is not None and check is not None:
-            # its escape becomes constraints of the refit (and of the kept cuts with kept_cuts), and the gate runs again
+            # its escape becomes constraints of the refit (kept with kept_cuts), and the gate runs again
             escapes.append(escape)
             self.log(f"  production gate: {msg}; refitting with the escape as constraints")
             model, report, check = otf.fit_model(ts, harmonic, bounding, version, report, frozen=frozen,
@@ -537,14 +537,18 @@ class Learner:
             if len(new) >= n:
                 break
             atoms = escapes[k].samples[-1 - j]       # the latest sample of each escape first
-            shape = carve_shape(model.natoms, FrameMapper(model.reference).map(
-                atoms.cell.array, atoms.positions, atoms.numbers).mesh, self.settings.max_atoms)
-            carved = carve(model, atoms, shape, evaluator, max_displacement=far) if shape is not None else None
-            if shape is not None and carved is None:
+            try:
+                mesh = evaluator.mapper.map(atoms.cell.array, atoms.positions, atoms.numbers).mesh
+                shape = carve_shape(model.natoms, mesh, self.settings.max_atoms)
+                carved = carve(model, atoms, shape, evaluator, max_displacement=far) if shape is not None else None
+                if shape is not None and carved is None:
+                    skipped += 1
+                    continue
+                cell = carved.atoms if carved is not None else atoms
+                frame = evaluator.mapper.map(cell.cell.array, cell.positions, cell.numbers)
+            except MappingError:
                 skipped += 1
                 continue
-            cell = carved.atoms if carved is not None else atoms
-            frame = evaluator.mapper.map(cell.cell.array, cell.positions, cell.numbers)
             if frame.max_displacement > far or patterns.duplicate_of(frame) is not None:
                 skipped += 1
                 continue
@@ -560,7 +564,7 @@ class Learner:
         if new:
             self.store.add_many(new)
         self.log(f"  {len(new)} state(s) on the way out of {len(escapes)} escape(s) of the hot MDs sent to labelling"
-                 f" ({skipped} too far or duplicate)")
+                 f" ({skipped} too far, duplicate or unmappable)")
         return len(new)
 
     def _frozen(self, ts) -> Optional[FrozenPrior]:
