@@ -293,9 +293,7 @@ class Learner:
                 n_learn += 1
                 every = int(self.settings.validation_every)
                 role = "validation" if every > 0 and n_learn % every == 0 else "train"
-                meta.update({"role": role, "origin": "learn", "source": source, "imported_at": time.time(),
-                             "learn_cycle": int(self.state["cycle"]), "temperature": -1.0, "iteration": -1,
-                             "phase": ""})
+                meta.update(self._store_meta(role, source))
                 new.append((atoms, meta))
                 marks.append((row.id, "learned", {}))
                 counts.added += 1
@@ -338,9 +336,19 @@ class Learner:
             site = int(np.argmax((d ** 2).sum(axis=1)))
             carved = carve_frame(model, frame, shape, site)
             carved.error = float(np.sqrt((d[site] ** 2).sum()))
-        meta.update({"carved": f"{'x'.join(map(str, shape))} of {len(atoms)} atoms",
-                     "carved_centre_site": carved.centre_site, "carved_centre_error": carved.error})
+        meta.update(self._carved_meta(carved, len(atoms)))
         return carved.atoms, meta
+
+    def _store_meta(self, role: str, source: str) -> dict:
+        """The key-value pairs of a frame the learner adds to the run's store."""
+        return {"role": role, "origin": "learn", "source": source, "imported_at": time.time(),
+                "learn_cycle": int(self.state["cycle"]), "temperature": -1.0, "iteration": -1, "phase": ""}
+
+    @staticmethod
+    def _carved_meta(carved, natoms: int) -> dict:
+        """The key-value pairs that say a stored frame is a sub-cell of a frame of ``natoms`` atoms."""
+        return {"carved": f"{'x'.join(map(str, carved.shape))} of {natoms} atoms",
+                "carved_centre_site": carved.centre_site, "carved_centre_error": carved.error}
 
     # ------------------------------------------------------------------------------------------------ rates
     def flag_rates(self) -> dict:
@@ -537,9 +545,8 @@ class Learner:
             if len(new) >= n:
                 break
             atoms = escapes[k].samples[-1 - j]       # the latest sample of each escape first
+            shape = carve_shape(model.natoms, escapes[k].mesh, self.settings.max_atoms)   # the MD's own mesh
             try:
-                mesh = evaluator.mapper.map(atoms.cell.array, atoms.positions, atoms.numbers).mesh
-                shape = carve_shape(model.natoms, mesh, self.settings.max_atoms)
                 carved = carve(model, atoms, shape, evaluator, max_displacement=far) if shape is not None else None
                 if shape is not None and carved is None:
                     skipped += 1
@@ -554,12 +561,9 @@ class Learner:
                 continue
             source = f"escape:c{cycle}:{k}:{j}"
             patterns.add(source, frame)
-            meta = {"role": "train", "origin": "learn", "source": source, "reason": "escape (hot MD)",
-                    "imported_at": time.time(), "learn_cycle": cycle, "temperature": -1.0, "iteration": -1,
-                    "phase": "", "model_version": int(model.version)}
+            meta = dict(self._store_meta("train", source), reason="escape (hot MD)", model_version=int(model.version))
             if carved is not None:
-                meta.update({"carved": f"{'x'.join(map(str, shape))} of {len(atoms)} atoms",
-                             "carved_centre_site": carved.centre_site, "carved_centre_error": carved.error})
+                meta.update(self._carved_meta(carved, len(atoms)))
             new.append((cell, meta))
         if new:
             self.store.add_many(new)
