@@ -182,7 +182,7 @@ def _cmd_serve(args):
     settings = ServeSettings(threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
                              wait=args.wait, error_stride=args.error_stride, trace_dir=args.trace,
                              committee_extras=args.committee_extras, probation_frames=args.probation,
-                             probation_margin=args.probation_margin)
+                             probation_margin=args.probation_margin, probation_alpha=args.probation_alpha)
     server = ForceServer(args.model, args.address, args.port, args.unix, args.connections, args.queue, settings)
     return server.serve_forever()
 
@@ -198,7 +198,7 @@ def _cmd_lammps(args):
     bridge = LammpsBridge(args.model, queue=args.queue,
                           threshold=ErrorThreshold.parse(args.threshold) if args.threshold else None,
                           error_stride=args.error_stride, probation_frames=args.probation,
-                          probation_margin=args.probation_margin)
+                          probation_margin=args.probation_margin, probation_alpha=args.probation_alpha)
     rc = bridge.run(args.deck, dict(args.var or []), log_file=args.log)
     print(f"LAMMPS deck {args.deck} finished: {bridge.frames} force evaluations; log in {args.log}")
     return rc
@@ -426,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--probation-margin", type=float, default=0.2, metavar="A",
                     help="during probation, an atom this much (Angstrom) farther from its site than in any frame "
                          "served before the reload fails it too (default 0.2; 0: off)")
+    sv.add_argument("--probation-alpha", type=float, default=1e-4, metavar="P",
+                    help="with --queue and --threshold: during probation, a version flagged more often than the "
+                         "frames served before the reload, at this significance (one-sided Poisson test), fails it "
+                         "too (default 1e-4; 0: off)")
     sv.add_argument("--trace", metavar="DIR", help="write every frame's energy (eV) and Bayesian errors to "
                                                    "DIR/trace_K.csv, one file per connection K")
     sv.add_argument("--log", metavar="FILE", help="log file (default: standard error)")
@@ -446,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--probation-margin", type=float, default=0.2, metavar="A",
                     help="as sp-server serve: an atom this much farther from its site than before the reload fails "
                          "the probation (default 0.2; 0: off)")
+    lm.add_argument("--probation-alpha", type=float, default=1e-4, metavar="P",
+                    help="as sp-server serve: a version flagged more often than the steps before the reload, at "
+                         "this significance, fails the probation (default 1e-4; 0: off)")
     lm.add_argument("--log", default="log.lammps", help="LAMMPS log file (relative to the deck's folder)")
     lm.set_defaults(func=_cmd_lammps)
 

@@ -66,6 +66,9 @@ class ServeSettings:
                                         # than any frame of the settled versions (PROBATION_HISTORY frames at
                                         # least) fails it too, before the atom is out of the trusted range and
                                         # too fast to be caught (0: off; docs/learn.md)
+    probation_alpha: float = 1e-4       # during probation, a version whose frames are flagged (local maxima above
+                                        # the threshold) significantly more often than the settled frames were
+                                        # fails it too: one-sided Poisson test at this level (0: off; ModelHolder)
     committee_extras: bool = False      # add i-PI committee extras (committee_pot: committee_energies), so that
                                         # i-PI's <ffcommittee> with parse_json reads the Bayesian energy error
 
@@ -118,8 +121,15 @@ class UntrustedFrame(RuntimeError):
     """A frame outside the model's trusted range, with ServeSettings.stop_untrusted set."""
 
 
-#: settled frames (outside any probation) that the displacement watch of a probation needs before it judges
+#: settled frames (outside any probation) that the displacement and flag-rate watches of a probation need before
+#: they judge
 PROBATION_HISTORY = 200
+
+
+def poisson_tail(n: int, mu: float) -> float:
+    """P(X >= n) for X ~ Poisson(mu)."""
+    from scipy.stats import poisson
+    return float(poisson.sf(int(n) - 1, float(mu)))
 
 
 class ModelHolder:
@@ -135,9 +145,18 @@ class ModelHolder:
     margin beyond the farthest of every settled frame (served outside any probation; at least PROBATION_HISTORY of
     them) fails too.  A version published on 2026-12-04 (third run) had a local hole: a Ti and two O of one cell
     fell into it together at 350 K, and by the time one O was 1.06 A out (the trusted range) they were falling too
-    fast for the version before to hold them (the run was lost); the settled frames had reached 0.54 A."""
+    fast for the version before to hold them (the run was lost); the settled frames had reached 0.54 A.
 
-    def __init__(self, path, interval: float = 1.0, probation_frames: int = 0, probation_margin: float = 0.0):
+    Flag-rate watch (``probation_alpha``): during probation a version whose frames are flagged (``report(...,
+    flagged=True)``: a local maximum of the Bayesian error above the threshold) more often than the settled frames'
+    rate allows (one-sided Poisson test at level ``probation_alpha``; the settled rate is (flags + 1) / frames, so
+    that a run without settled flags is not judged on a rate of zero) fails too.  In the fourth run of 2026-12-04
+    the same version with the hole was flagged 19 times per ps against 2.5 of the version before; the displacement
+    watch sent it back at 0.84 A, again too late to hold the atoms (docs/learn.md).  Replayed on that run's queue,
+    this watch sends it back after 266 frames (8 flags where 1.3 were expected), with its farthest atom at 0.5 A."""
+
+    def __init__(self, path, interval: float = 1.0, probation_frames: int = 0, probation_margin: float = 0.0,
+                 probation_alpha: float = 0.0):
         self.path = Path(path)
         self.interval = interval
         self.lock = threading.Lock()
@@ -152,20 +171,34 @@ class ModelHolder:
         self.probation_margin = float(probation_margin)
         self.settled_frames = 0       # trusted frames served outside any probation ...
         self.settled_displacement = 0.0   # ... and the farthest any of their atoms was from its site, A
+        self.settled_flags = 0        # ... and how many of them were flagged
+        self.probation_alpha = float(probation_alpha)
+        self.probation_flags = 0      # frames of the version on probation flagged so far
 
-    def report(self, generation: int, trusted: bool, why: str = "", displacement: float = float("nan")) \
-            -> Optional[int]:
-        """After each frame evaluated with ``generation`` (``displacement``: its farthest atom from its site, A):
-        counts the probation down, or, for a frame outside the trusted range during it (or beyond the displacement
-        watch), goes back to the proven version; returns that version's generation, else None."""
+    def report(self, generation: int, trusted: bool, why: str = "", displacement: float = float("nan"),
+               flagged: bool = False) -> Optional[int]:
+        """After each frame evaluated with ``generation`` (``displacement``: its farthest atom from its site, A;
+        ``flagged``: a frame was flagged with it): counts the probation down, or, for a frame outside the trusted
+        range during it (or beyond the displacement or flag-rate watch), goes back to the proven version; returns
+        that version's generation, else None."""
         with self.lock:
             if generation != self.generation:
                 return None
             if self.probation <= 0:
                 if trusted and np.isfinite(displacement):
                     self.settled_frames += 1
+                    self.settled_flags += int(bool(flagged))
                     self.settled_displacement = max(self.settled_displacement, float(displacement))
                 return None
+            self.probation_flags += int(bool(flagged))
+            if trusted and flagged and self.probation_alpha > 0 and self.settled_frames >= PROBATION_HISTORY:
+                seen = self.probation_frames - self.probation + 1
+                mu = seen * (self.settled_flags + 1) / self.settled_frames
+                p = poisson_tail(self.probation_flags, mu)
+                if p < self.probation_alpha:
+                    trusted = False
+                    why = (f"{self.probation_flags} flags in {seen} frames, where the rate of {self.settled_frames} "
+                           f"settled frames ({self.settled_flags} flags) predicts {mu:.2g} (Poisson p = {p:.1g})")
             if trusted and self.probation_margin > 0 and self.settled_frames >= PROBATION_HISTORY and \
                     displacement > self.settled_displacement + self.probation_margin:
                 trusted = False
@@ -180,7 +213,7 @@ class ModelHolder:
                 return None
             bad = self.model
             self.reverted.append((bad.version, self.proven.version, why))
-            log.warning("model version %s left the trusted range %d frames after it was loaded (%s): back to "
+            log.warning("model version %s failed its probation %d frames after it was loaded (%s): back to "
                         "version %s; the file is loaded again when it changes", bad.version,
                         self.probation_frames - self.probation, why, self.proven.version)
             self.model = self.proven
@@ -217,6 +250,7 @@ class ModelHolder:
                         self.model = new
                         self.generation += 1
                         self.probation = self.probation_frames
+                        self.probation_flags = 0
                     self._stamp = stamp
             return self.generation, self.model
 
@@ -286,7 +320,7 @@ class ForceServer:
     def __init__(self, model_path, address, port: Optional[int] = None, unix: bool = False,
                  connections: int = 1, queue: Optional[str] = None, settings: ServeSettings = ServeSettings()):
         self.holder = ModelHolder(model_path, settings.reload_interval, settings.probation_frames,
-                                  settings.probation_margin)
+                                  settings.probation_margin, settings.probation_alpha)
         # one or several engines (e.g. two i-PI instances): each address gets `connections` connections
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.port, self.unix = port, unix
@@ -407,17 +441,17 @@ class ForceServer:
                             log.info("connection %d: frame %d evaluated with model version %s", k, frame,
                                      model.version)
                         generation, evaluator = gen, Evaluator(model)
-                    answer, err_s, bad, far = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj,
-                                                             trace)
-                    if self.holder.report(generation, not bad, "; ".join(bad), far) is not None:
+                    answer, err_s, bad, far, flagged = self._evaluate(k, bead, frame, evaluator, model, cell, pos,
+                                                                      traj, trace)
+                    if self.holder.report(generation, not bad, "; ".join(bad), far, flagged) is not None:
                         # the new version failed its probation: this frame and the next get the proven version's
                         # forces (this frame was queued above)
                         generation, model = self.holder.poll()
                         evaluator = Evaluator(model)
                         log.warning("connection %d, frame %d: evaluated again with model version %s", k, frame,
                                     model.version)
-                        answer, err_s, bad, _ = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj,
-                                                               None, flag=False)
+                        answer, err_s, bad, *_ = self._evaluate(k, bead, frame, evaluator, model, cell, pos, traj,
+                                                                None, flag=False)
                     if bad and self.settings.stop_untrusted:
                         raise UntrustedFrame("; ".join(bad))
                     if frame > 0:  # the first frame includes set-up (Ewald sums, compilation)
@@ -493,7 +527,8 @@ class ForceServer:
 
     def _evaluate(self, k, bead, frame, evaluator, model, cell, pos, traj, trace=None, flag: bool = True):
         """(answer for GETFORCE, seconds spent on Bayesian errors or None, reasons the frame is outside the trusted
-        range, its farthest atom from its site in A); queues the frame when it is flagged (with ``flag``)."""
+        range, its farthest atom from its site in A, whether a frame was flagged as a local maximum of the error);
+        queues the frame when it is flagged (with ``flag``)."""
         ref = model.reference
         # the i-PI protocol sends no species: atoms are matched to the model's sites by position alone (once,
         # then cached), and take the species of their sites
@@ -512,6 +547,7 @@ class ForceServer:
         record = {"cell": cell, "positions": pos, "numbers": numbers, "frame": frame, "bead": bead,
                   "connection": k, "model_version": model.version, "errors": errors,
                   "energy_ev": float(res.energy), "max_displacement": float(res.frame.max_displacement)}
+        flagged = False
         if self.queue is not None and flag:
             if reasons:
                 for n, entry in enumerate(traj.entry(self.settings.excursion_frames)):
@@ -524,9 +560,10 @@ class ForceServer:
                 traj.push(-np.inf, record, trusted=False)
             elif self.settings.threshold is not None and self.settings.threshold.quantity in errors:
                 value = errors[self.settings.threshold.quantity]
-                flagged = traj.push(value, dict(record, reason=f"local maximum of {self.settings.threshold}"))
-                if flagged is not None:
-                    self.queue.put(flagged)
+                out = traj.push(value, dict(record, reason=f"local maximum of {self.settings.threshold}"))
+                if out is not None:
+                    self.queue.put(out)
+                    flagged = True
         if trace is not None:
             trace.write(f"{frame},{bead},{model.version},{res.energy:.10g},"
                         + ",".join(f"{errors.get(q, float('nan')):.6g}" for q in ERROR_KEYS)
@@ -535,5 +572,6 @@ class ForceServer:
             log.warning("connection %d, frame %d: %s", k, frame, "; ".join(reasons))
         stress = symmetric_from_voigt(res.stress)
         return ((res.energy, res.forces, stress, abs(np.linalg.det(cell)), json.dumps(extra)),
-                res.error_seconds if res.errors is not None else None, reasons, float(res.frame.max_displacement))
+                res.error_seconds if res.errors is not None else None, reasons, float(res.frame.max_displacement),
+                flagged)
 

@@ -65,8 +65,9 @@ def _deck_commands(path: Path):
 class LammpsBridge:
     def __init__(self, model_path, *, queue: Optional[str] = None, threshold: Optional[ErrorThreshold] = None,
                  max_displacement: float = 1.0, error_stride: int = 1, probation_frames: int = 2000,
-                 probation_margin: float = 0.2):
-        self.holder = ModelHolder(model_path, probation_frames=probation_frames, probation_margin=probation_margin)
+                 probation_margin: float = 0.2, probation_alpha: float = 1e-4):
+        self.holder = ModelHolder(model_path, probation_frames=probation_frames, probation_margin=probation_margin,
+                                  probation_alpha=probation_alpha)
         self.model = self.holder.model
         self.evaluator = Evaluator(self.model)
         self._generation = self.holder.generation
@@ -115,9 +116,9 @@ class LammpsBridge:
         request = error_request(self.error_stride if self.queue is not None else 0, self.frames)
         res = self.evaluator.evaluate(cell, pos, self.numbers, **request)
         reasons = untrusted_reasons(res, model.reference, self.trust)
-        if self.queue is not None:
-            self._flag(ntimestep, cell, pos, res, reasons)
-        if self.holder.report(generation, not reasons, "; ".join(reasons), res.frame.max_displacement) is not None:
+        flagged = self._flag(ntimestep, cell, pos, res, reasons) if self.queue is not None else False
+        if self.holder.report(generation, not reasons, "; ".join(reasons), res.frame.max_displacement,
+                              flagged) is not None:
             # the reloaded version failed its probation: LAMMPS gets the proven version's forces from this step on
             self._generation, self.model = self.holder.poll()
             self.evaluator = Evaluator(self.model)
@@ -134,7 +135,9 @@ class LammpsBridge:
             self.t_errors += res.error_seconds
         self.frames += 1
 
-    def _flag(self, step, cell, pos, res, reasons):
+    def _flag(self, step, cell, pos, res, reasons) -> bool:
+        """Queues the frame (untrusted) or the one before (a local maximum of the error above the threshold);
+        True for a local maximum."""
         record = {"cell": cell, "positions": pos, "numbers": self.numbers, "frame": int(step), "bead": 0,
                   "connection": 0, "model_version": self.model.version, "errors": res.errors or {},
                   "energy_ev": float(res.energy), "max_displacement": float(res.frame.max_displacement)}
@@ -145,6 +148,8 @@ class LammpsBridge:
                                  dict(record, reason=f"local maximum of {self.traj.threshold}"))
             if out is not None:
                 self.queue.put(out)
+                return True
+        return False
 
     def run(self, deck, variables: Optional[dict] = None, log_file: str = "log.lammps") -> int:
         lammps = load_lammps_module()
