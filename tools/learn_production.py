@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -146,19 +147,39 @@ def heldout(model_paths: dict, frames: list, oracle) -> dict:
     return out
 
 
-def flag_windows(url, steps_per_window: int) -> list:
-    """[(first step, last step, flags, model versions seen)] along one run from its queue rows (a server's frame
+def served_versions(log) -> list:
+    """[(frame, version)]: from the server's log (``--log``), the frame at which each connection-0 switch of model
+    version took effect (hot reloads and the probation's returns), in order; [] without a log."""
+    out = []
+    if not Path(log).exists():
+        return out
+    pattern = re.compile(r"connection 0(?::|,) frame (\d+)(?::)? evaluated (?:again )?with model version (\d+)")
+    with open(log) as fh:
+        for line in fh:
+            m = pattern.search(line)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def flag_windows(url, steps_per_window: int, steps: int, log=None) -> list:
+    """[(first step, last step, flags, model versions served)] over the whole run (``steps`` MD steps), from its
+    queue rows and, for the versions, the server's log (else the versions of the flagged rows).  A server's frame
     index counts the frames of one connection, i.e. MD steps, also for the beads of a path-integral run, one
-    connection each)."""
+    connection each."""
     with connect(url) as db:
         rows = [(int(r.frame), int(r.model_version)) for r in db.select(FRAME_ROWS)]
-    if not rows:
-        return []
-    n = max(1, -(-max(s for s, _ in rows) // steps_per_window))   # the last step (= total) joins the last window
+    switches = served_versions(log) if log is not None else []
+    first = min((v for _, v in rows), default=None)   # the version served from the start
+    n = max(1, -(-int(steps) // steps_per_window))   # the last step (= total) joins the last window
     out = []
     for k in range(n):
+        a, b = k * steps_per_window, (k + 1) * steps_per_window
         sel = [v for s, v in rows if min(s // steps_per_window, n - 1) == k]
-        out.append((k * steps_per_window, (k + 1) * steps_per_window, len(sel), sorted(set(sel))))
+        before = [v for f, v in switches if f <= a]
+        at_start = before[-1] if before else first    # the log names a version from its first switch on
+        versions = {v for f, v in switches if a < f < b} | ({at_start} if at_start is not None else set())
+        out.append((a, b, len(sel), sorted(versions | set(sel))))
     return out
 
 
@@ -250,8 +271,12 @@ def main(argv=None):
     summary["refits"] = [{k: h[k] for k in ("cycle", "decision", "version", "n_train", "flags", "md_ps",
                                             "flags_per_ps", "rates_by_queue", "rmse_before", "rmse_after")}
                          for h in state["history"]]
-    summary["windows"] = {"npt": flag_windows(work / "npt.db", max(steps_npt // 10, 1)),
-                          "pimd": flag_windows(work / "pimd.db", max(steps_pi // 10, 1))}
+    # windows up to the step each MD reached (a lost run has no windows after it)
+    summary["windows"] = {
+        "npt": flag_windows(work / "npt.db", max(steps_npt // 10, 1), max(results["npt"]["last_step"], 1),
+                            work / "npt" / "serve.log"),
+        "pimd": flag_windows(work / "pimd.db", max(steps_pi // 10, 1), max(results["pimd"]["last_step"], 1),
+                             work / "pimd" / "serve.log")}
 
     # ---- held-out frames of these runs (random sub-cells of trajectory frames), before and after
     from sp_server.oracles import make_oracle
