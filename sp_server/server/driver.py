@@ -153,7 +153,8 @@ class ModelHolder:
     that a run without settled flags is not judged on a rate of zero) fails too.  In the fourth run of 2026-12-04
     the same version with the hole was flagged 19 times per ps against 2.5 of the version before; the displacement
     watch sent it back at 0.84 A, again too late to hold the atoms (docs/learn.md).  Replayed on that run's queue,
-    this watch sends it back after 266 frames (8 flags where 1.3 were expected), with its farthest atom at 0.5 A."""
+    this watch sends it back after 266 frames (8 flags where 1.3 were expected), with its farthest atom at 0.5 A.
+    In the fifth run it did so after 388 frames, and both runs went on to their end."""
 
     def __init__(self, path, interval: float = 1.0, probation_frames: int = 0, probation_margin: float = 0.0,
                  probation_alpha: float = 0.0):
