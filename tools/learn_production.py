@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from sp_server.otf.learn import Learner, LearnSettings
 from sp_server.otf.md import MDJob, MDSettings, continue_ipi_input, ipi_executable, write_ipi_input
 from sp_server.otf.structures import polar_structure
 from sp_server.potential import Evaluator
-from sp_server.server.driver import read_trace
+from sp_server.server.driver import read_trace, version_switches
 from sp_server.server.queue import FRAME_ROWS
 from sp_server.store.db import connect
 from sp_server.threads import engine_environment
@@ -147,21 +146,6 @@ def heldout(model_paths: dict, frames: list, oracle) -> dict:
     return out
 
 
-def served_versions(log) -> list:
-    """[(frame, version)]: from the server's log (``--log``), the frame at which each connection-0 switch of model
-    version took effect (hot reloads and the probation's returns), in order; [] without a log."""
-    out = []
-    if not Path(log).exists():
-        return out
-    pattern = re.compile(r"connection 0(?::|,) frame (\d+)(?::)? evaluated (?:again )?with model version (\d+)")
-    with open(log) as fh:
-        for line in fh:
-            m = pattern.search(line)
-            if m:
-                out.append((int(m.group(1)), int(m.group(2))))
-    return out
-
-
 def flag_windows(url, steps_per_window: int, steps: int, log=None) -> list:
     """[(first step, last step, flags, model versions served)] over the whole run (``steps`` MD steps), from its
     queue rows and, for the versions, the server's log (else the versions of the flagged rows).  A server's frame
@@ -169,7 +153,10 @@ def flag_windows(url, steps_per_window: int, steps: int, log=None) -> list:
     connection each."""
     with connect(url) as db:
         rows = [(int(r.frame), int(r.model_version)) for r in db.select(FRAME_ROWS)]
-    switches = served_versions(log) if log is not None else []
+    switches = []    # [(frame, version)] of connection 0, from the server's log
+    if log is not None and Path(log).exists():
+        with open(log) as fh:
+            switches = version_switches(fh)
     first = min((v for _, v in rows), default=None)   # the version served from the start
     n = max(1, -(-int(steps) // steps_per_window))   # the last step (= total) joins the last window
     out = []

@@ -12,11 +12,10 @@ rows.  The replay assumes every version held (it does not replay reverts)."""
 from __future__ import annotations
 
 import argparse
-import re
 
 from ase.db import connect
 
-from sp_server.server.driver import poisson_tail
+from sp_server.server.driver import poisson_tail, version_switches
 
 
 def main(argv=None):
@@ -28,12 +27,11 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=1e-4)
     args = p.parse_args(argv)
     k = args.connections
-    starts = {}
+    starts = {}   # each version's first frame on connection 0 (its reload; returns to an older one are left out)
     with open(args.log) as fh:
-        for line in fh:
-            m = re.search(r"connection \d+: frame (\d+) evaluated with model version (\d+)", line)
-            if m:
-                starts.setdefault(int(m.group(2)), int(m.group(1)))
+        for frame, version in version_switches(fh):
+            if version > max(starts, default=-1):
+                starts[version] = frame
     with connect(args.queue) as db:
         flags = sorted(int(r.frame) for r in db.select() if str(r.get("reason", "")).startswith("local maximum"))
     settled_frames = settled_flags = 0

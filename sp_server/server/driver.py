@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -130,6 +131,21 @@ def poisson_tail(n: int, mu: float) -> float:
     """P(X >= n) for X ~ Poisson(mu)."""
     from scipy.stats import poisson
     return float(poisson.sf(int(n) - 1, float(mu)))
+
+
+def version_switches(lines, connection: int = 0) -> list:
+    """[(frame, version)]: where one connection switched model version, read from the server's log lines (hot
+    reloads, "connection K: frame N evaluated with model version V", and the probation's returns, "connection K,
+    frame N: evaluated again with model version V"; both are written by :class:`ForceServer`), in order.  The
+    version served before the first switch is not in the log."""
+    pattern = re.compile(rf"connection {int(connection)}(?::|,) frame (\d+):? evaluated (?:again )?with model "
+                         r"version (\d+)")
+    out = []
+    for line in lines:
+        m = pattern.search(line)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2))))
+    return out
 
 
 class ModelHolder:

@@ -190,6 +190,7 @@ def test_a_reloaded_version_that_leaves_the_trusted_range_on_probation_is_sent_b
     gives that frame v's forces, keeps v although the file still holds v+1, and loads v+2 when it is published; a
     version past its probation (here 3 frames) stays, and --probation 0 never goes back."""
     from sp_server.model import AnharmonicPart, Model
+    from sp_server.server.driver import version_switches
 
     def version(v, factor):
         return Model(toy.reference, toy.harmonic, AnharmonicPart(toy.anharmonic.coefficients,
@@ -231,6 +232,8 @@ def test_a_reloaded_version_that_leaves_the_trusted_range_on_probation_is_sent_b
     assert out[3][0] == pytest.approx(e_far, rel=1e-12)   # the frame that failed v+1 got v's energy
     assert f"model version {v + 1} failed its probation" in log and f"back to version {v}" in log
     assert f"model version {v + 2} held its probation" in log
+    # the log tells where the connection switched version (what tools/learn_production.py reads back)
+    assert version_switches(log.splitlines()) == [(2, v + 1), (3, v), (6, v + 2)], log
     with ase.db.connect(queue) as db:   # the frame was queued once (as untrusted), by v+1
         bad = [r for r in db.select(FRAME_ROWS) if r.reason.startswith("untrusted")]
         assert [(r.frame, r.model_version) for r in bad] == [(3, v + 1), (11, v + 2)]
