@@ -167,7 +167,7 @@ class ModelHolder:
     flagged=True)``: a local maximum of the Bayesian error above the threshold) more often than the settled frames'
     rate allows (one-sided Poisson test at level ``probation_alpha``; the settled rate is (flags + 1) / frames, so
     that a run without settled flags is not judged on a rate of zero) fails too.  In the fourth run of 2026-12-04
-    the same version with the hole was flagged 19 times per ps against 2.5 of the version before; the displacement
+    the same version with the hole was flagged 20 times per ps against 2.5 of the version before; the displacement
     watch sent it back at 0.84 A, again too late to hold the atoms (docs/learn.md).  Replayed on that run's queue,
     this watch sends it back after 266 frames (8 flags where 1.3 were expected), with its farthest atom at 0.5 A.
     In the fifth run it did so after 388 frames, and both runs went on to their end."""
